@@ -1,0 +1,1 @@
+"""Marketplace event model, simulator, importers, feature pipelines and the Feast repo."""

@@ -1,0 +1,1 @@
+"""Model inputs and predict code shared by training and serving."""

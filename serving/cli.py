@@ -1,0 +1,23 @@
+"""The `aipic` command line: one sub-command group per stage.
+
+Heavy libraries (Feast, MLflow, LightGBM) are imported inside commands, so `aipic --help`
+stays fast and nothing happens at import time.
+"""
+
+from __future__ import annotations
+
+import typer
+
+from features.cli import data_app, features_app
+
+app = typer.Typer(
+    help="aipic-ml: fraud scoring, recommendations and explanations for AIpicMarket.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+app.add_typer(data_app, name="data")
+app.add_typer(features_app, name="features")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

@@ -1,0 +1,34 @@
+"""Shared fixtures. Every test gets its own AIPIC_VAR_DIR so nothing touches ./var."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+@pytest.fixture(autouse=True)
+def isolated_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """Point every setting that writes to disk at a per-test directory."""
+    from features.settings import get_settings
+
+    var = tmp_path / "var"
+    monkeypatch.setenv("AIPIC_VAR_DIR", str(var))
+    get_settings.cache_clear()
+    yield var
+    get_settings.cache_clear()
+
+
+def shared_file(*parts: str) -> Path:
+    """A file of ../shared/data; missing data fails in CI and skips elsewhere."""
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        if IN_CI:
+            pytest.fail(f"shared data missing in CI: {path}")
+        pytest.skip(f"shared data not present: {path}")
+    return path
