@@ -57,9 +57,9 @@ def import_cmd(
 
     try:
         if dataset is Dataset.FRAUD_HANDBOOK:
-            summary = import_fraud_handbook(source, out)
+            summary = import_fraud_handbook(source, out, progress=True)
         else:
-            summary = import_online_retail(source, out)
+            summary = import_online_retail(source, out, progress=True)
     except DataImportError as exc:
         raise fail(str(exc)) from None
     typer.echo(json.dumps(summary, indent=2, default=str))

@@ -1,0 +1,103 @@
+"""`aipic train …`: train, evaluate and promote models through MLflow."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from features.settings import get_settings
+
+train_app = typer.Typer(help="Train, evaluate and promote models (tracked in MLflow).", no_args_is_help=True)
+
+EventsOpt = Annotated[
+    Path | None, typer.Option("--events", help="Event tables (default var/data/marketplace).")
+]
+TierOpt = Annotated[str, typer.Option("--tier", help="One tier, or 'all'.")]
+
+
+def _fail(message: str) -> typer.Exit:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    return typer.Exit(code=2)
+
+
+def _events(events: Path | None) -> Path:
+    path = events or get_settings().events_dir
+    if not (path / "payments.parquet").exists():
+        raise _fail(f"no payments.parquet in {path}: run `aipic data simulate --out {path}` first")
+    return path
+
+
+def _tiers(tier: str, known: list[str]) -> list[str]:
+    if tier == "all":
+        return known
+    if tier not in known:
+        raise _fail(f"unknown tier {tier!r}; known: {', '.join(known)}")
+    return [tier]
+
+
+def _say(message: str) -> None:
+    typer.secho(f"· {message}", fg=typer.colors.CYAN, err=True)
+
+
+@train_app.command("fraud")
+def fraud_cmd(
+    events: EventsOpt = None,
+    tier: TierOpt = "all",
+    train_days: Annotated[
+        float, typer.Option(min=0, help="Days of labelled history to train on (0 = all).")
+    ] = 0,
+    label_delay_days: Annotated[
+        float, typer.Option(help="Days left out because labels are not known yet (-1 = settings).")
+    ] = -1,
+) -> None:
+    """Train one fraud model per tier; print a JSON summary (versions, metrics)."""
+    from training.fraud import to_json, train_fraud
+    from training.fraud_data import TrainingDataError, fraud_tiers
+
+    path = _events(events)
+    try:
+        summary = train_fraud(
+            path,
+            _tiers(tier, fraud_tiers()),
+            train_days=int(train_days),
+            label_delay_days=int(label_delay_days) if label_delay_days >= 0 else None,
+            progress=_say,
+        )
+    except TrainingDataError as exc:
+        raise _fail(str(exc)) from None
+    typer.echo(to_json(summary))
+
+
+@train_app.command("evaluate-fraud")
+def evaluate_fraud_cmd(events: EventsOpt = None, tier: TierOpt = "all") -> None:
+    """Score each tier's champion on the current held-out window; print metrics as JSON."""
+    from training.fraud import evaluate_champions, to_json
+    from training.fraud_data import TrainingDataError, fraud_tiers
+
+    path = _events(events)
+    try:
+        out = evaluate_champions(path, _tiers(tier, fraud_tiers()), progress=_say)
+    except TrainingDataError as exc:
+        raise _fail(str(exc)) from None
+    typer.echo(to_json(out))
+
+
+@train_app.command("promote")
+def promote_cmd(
+    events: EventsOpt = None,
+    model: Annotated[
+        str, typer.Option("--model", help="Registered model name (fraud-full, ...) or 'all'.")
+    ] = "all",
+) -> None:
+    """Promote each challenger that beats its champion on the same held-out window."""
+    from training.fraud import promote_fraud, to_json
+    from training.fraud_data import TrainingDataError
+
+    path = _events(events)
+    try:
+        out = promote_fraud(path, model, progress=_say)
+    except (TrainingDataError, LookupError) as exc:
+        raise _fail(str(exc)) from None
+    typer.echo(to_json(out))
