@@ -39,17 +39,74 @@ class Settings(BaseSettings):
 
     # Data
     default_users: int = 2000
-    default_days: int = 60
+    default_days: int = 90
     default_seed: int = 7
 
     # Fraud labels and decisions
-    label_delay_days: int = Field(default=30, ge=0, description="Days whose labels are not yet known.")
+    label_delay_days: int = Field(default=21, ge=0, description="Days whose labels are not yet known.")
     policy_version: str = "2025-02-12"
+    fraud_review_budget: float = Field(
+        default=0.02, gt=0, lt=1, description="Alert budget: at most this share of payments go to review."
+    )
+    fraud_chargeback_cost: float = Field(
+        default=1.25, gt=0, description="Cost of an approved fraud, in multiples of its amount (loss + fees)."
+    )
+    fraud_false_decline_cost: float = Field(
+        default=3.0, gt=0, description="Cost of declining a good payment, in multiples of its amount (churn)."
+    )
+
+    # Privacy (features.privacy): consent needs and retention are configuration, not code
+    fraud_device_location_consent: str | None = Field(
+        default="fraud_device_location_signals",
+        description="ConsentPurpose the fraud tier with device/location signals needs; null = none.",
+    )
+    adult_age: int = Field(default=18, ge=0, description="People younger than this are never profiled.")
+    retention_days: dict[str, int | None] = Field(
+        default_factory=lambda: dict[str, int | None](
+            {
+                "user.device.ip_address": 90,
+                "user.device.cookie_id": 180,
+                "user.device.device_id": 180,
+                "user.location.imprecise": 365,
+                "user.financial.credit_card": 540,
+                "user.behavior.browsing_history": 730,
+                "user.privacy_preferences": 1825,
+                "user.payment": 3650,
+            }
+        ),
+        description="Days kept per fideslang data category (longest matching key wins; null = no limit).",
+    )
+    service_table_retention_days: dict[str, int] = Field(
+        default_factory=lambda: {"decision_log": 730},
+        description="Days kept per service table (decision logs, reviews) by its time column.",
+    )
+    erasure_tombstone_retention_days: int = Field(
+        default=1095, ge=1, description="Days the minimal proof of an erasure is kept (Art 5(2))."
+    )
 
     # Security
     jwt_secret: SecretStr | None = Field(default=None, description="HMAC key for person tokens (JWT).")
     jwt_audience: str = "aipic-ml"
     jwt_issuer: str = "aipicmarket"
+    jwt_ttl_minutes: int = Field(
+        default=60, ge=1, description="Lifetime of tokens `aipic auth issue-token` prints."
+    )
+
+    # Serving (serving/): limits and operations
+    api_rate_limit: str = Field(
+        default="2000/second", description="Rate limit per API key (`limits` syntax)."
+    )
+    person_rate_limit: str = Field(default="20/second", description="Rate limit per person token subject.")
+    max_body_bytes: int = Field(default=65_536, ge=1024, description="Larger request bodies get 413.")
+    model_poll_seconds: float = Field(
+        default=30.0, ge=0, description="How often serving checks for a new champion (0 = only on reload)."
+    )
+    online_retry_seconds: float = Field(
+        default=2.0, ge=0, description="After an online-store failure, score degraded this long, then retry."
+    )
+    bench_noop_endpoint: bool = Field(
+        default=False, description="Expose POST /v1/bench/noop (benchmark ceiling)."
+    )
 
     @model_validator(mode="after")
     def _refuse_unsafe_production(self) -> Settings:

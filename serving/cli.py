@@ -9,6 +9,9 @@ from __future__ import annotations
 import typer
 
 from features.cli import data_app, features_app
+from features.privacy.cli import privacy_app
+from serving.serve_cli import auth_app, models_app, serve
+from training.cli import train_app
 
 app = typer.Typer(
     help="aipic-ml: fraud scoring, recommendations and explanations for AIpicMarket.",
@@ -17,6 +20,11 @@ app = typer.Typer(
 )
 app.add_typer(data_app, name="data")
 app.add_typer(features_app, name="features")
+app.add_typer(train_app, name="train")
+app.add_typer(privacy_app, name="privacy")
+app.add_typer(auth_app, name="auth")
+app.add_typer(models_app, name="models")
+app.command("serve")(serve)
 
 
 if __name__ == "__main__":  # pragma: no cover
