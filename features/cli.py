@@ -28,21 +28,29 @@ def fail(message: str) -> typer.Exit:
 
 @data_app.command("simulate")
 def simulate_cmd(
-    users: Annotated[int, typer.Option(min=10, help="Number of buyers.")] = 0,
-    days: Annotated[int, typer.Option(min=1, max=3650, help="Days of marketplace activity.")] = 0,
+    users: Annotated[
+        int | None, typer.Option(min=10, help="Number of buyers (default from settings).")
+    ] = None,
+    days: Annotated[
+        int | None,
+        typer.Option(min=1, max=3650, help="Days of marketplace activity (default from settings)."),
+    ] = None,
     seed: Annotated[int, typer.Option(help="Random seed: same seed, same bytes.")] = -1,
     out: Annotated[Path | None, typer.Option(help="Output directory (default var/data/marketplace).")] = None,
 ) -> None:
     """Simulate a marketplace with planted fraud and consent behaviour; print a JSON summary."""
-    from features.simulate import SimulationConfig, simulate_to_dir
+    from features.simulate import SimulationConfig, SimulationError, simulate_to_dir
 
     s = get_settings()
-    cfg = SimulationConfig(
-        users=users or s.default_users,
-        days=days or s.default_days,
-        seed=s.default_seed if seed < 0 else seed,
-    )
-    summary = simulate_to_dir(cfg, out or s.events_dir, progress=True)
+    try:
+        cfg = SimulationConfig(
+            users=s.default_users if users is None else users,
+            days=s.default_days if days is None else days,
+            seed=s.default_seed if seed < 0 else seed,
+        )
+        summary = simulate_to_dir(cfg, out or s.events_dir, progress=True)
+    except SimulationError as exc:
+        raise fail(str(exc)) from None
     typer.echo(json.dumps(summary, indent=2, default=str))
 
 
