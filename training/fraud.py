@@ -46,15 +46,18 @@ def choose_thresholds(prob: np.ndarray, settings: Settings) -> Thresholds:
     Approving a payment with fraud probability p costs p * chargeback_cost * amount; declining
     it costs (1 - p) * false_decline_cost * amount, so decline when
     p >= false_decline_cost / (false_decline_cost + chargeback_cost). Review the riskiest
-    ``fraud_review_budget`` share of payments below that (the alert budget).
+    ``fraud_review_budget`` share of payments below that (the alert budget), measured on the
+    calibration slice.
     """
     c_fd, c_cb = settings.fraud_false_decline_cost, settings.fraud_chargeback_cost
     decline = c_fd / (c_fd + c_cb)
-    review = float(np.quantile(prob, 1.0 - settings.fraud_review_budget)) if len(prob) else decline
+    budget = settings.fraud_review_budget
+    below = float(np.mean(prob < decline)) if len(prob) else 1.0
+    review = float(np.quantile(prob, max(below - budget, 0.0))) if len(prob) else decline
     review = min(max(review, 0.01), decline)
     rationale = (
         f"decline at p>={decline:.3f} = false_decline_cost {c_fd} / (false_decline_cost + chargeback_cost "
-        f"{c_cb}); review the top {settings.fraud_review_budget:.1%} of scores (p>={review:.3f}) below that"
+        f"{c_cb}); review at p>={review:.3f} so at most {budget:.1%} of payments wait for a person"
     )
     return Thresholds(review=round(review, 6), decline=round(decline, 6), rationale=rationale)
 

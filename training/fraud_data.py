@@ -76,7 +76,7 @@ def fingerprint(events_dir: Path) -> str:
 def labelled_examples(events_dir: Path, frame: pd.DataFrame | None = None) -> pd.DataFrame:
     """Feature frame plus ``label``, ``label_known_at``, ``fraud_pattern`` (evaluation only)."""
     feats = payment_feature_frame(events_dir) if frame is None else frame
-    payments = read_table(events_dir, "payments", columns=["payment_id", "fraud_pattern", "amount"])
+    payments = read_table(events_dir, "payments", columns=["payment_id", "fraud_pattern"])
     disputes = read_table(events_dir, "disputes", columns=["payment_id", "reason", "reported_time"])
     disputes = disputes[disputes["reason"].isin(LABEL_REASONS)]
     first = disputes.groupby("payment_id", as_index=False)["reported_time"].min()
@@ -123,7 +123,8 @@ def split(
 
 
 def tier_consent_mask(examples: pd.DataFrame, tier: str, events_dir: Path) -> np.ndarray:
-    """Examples a model of ``tier`` may learn from: point-in-time consent, no minors.
+    """Examples a model of ``tier`` may learn from: point-in-time consent, no minors, and
+    nobody who is restricted or objects to fraud scoring or model training today.
 
     The degraded tier needs exactly what the poorest consent tier needs.
     """
@@ -141,5 +142,23 @@ def tier_consent_mask(examples: pd.DataFrame, tier: str, events_dir: Path) -> np
     users = read_table(events_dir, "users", columns=["user_id", "date_of_birth"])
     births = pd.Series(users["date_of_birth"].to_numpy(), index=users["user_id"].to_numpy())
     return training_mask(
-        examples, consent, FRAUD_PURPOSE, consent_tier, time_col="payment_time", birth_dates=births
+        examples,
+        consent,
+        FRAUD_PURPOSE,
+        consent_tier,
+        time_col="payment_time",
+        birth_dates=births,
+        excluded_subjects=excluded_from_training(FRAUD_PURPOSE),
     )
+
+
+def excluded_from_training(purpose: str) -> set[str]:
+    """People the consent ledger says must not be in a training set for ``purpose`` now."""
+    from features.db import get_engine
+    from features.migrations import migrate
+    from features.privacy.ledger import ConsentLedger
+    from features.privacy.pit_consent import training_exclusions
+
+    engine = get_engine()
+    migrate(engine)
+    return training_exclusions(ConsentLedger(engine), purpose)

@@ -1,0 +1,327 @@
+"""`aipic bench online-retail`: next-purchase recommendation on the UCI Online Retail data.
+
+Protocol (`../shared/data/README.md`): lines with a CustomerID, not cancelled, Quantity > 0,
+StockCode starting with a digit; train = invoices before `train_end`, test = [train_end,
+test_end); persons who bought in both periods; k = 10; every item bought in the test period is
+relevant; binary-relevance nDCG. Two columns: repeats allowed (every test item relevant), and
+only items not bought before (lists exclude the person's past purchases, relevance = test items
+not bought before; persons with no such item are left out of that column).
+
+The aipic ranker goes through the project's pipeline: the importer writes the event tables,
+`features.rec_features` builds point-in-time snapshots from them, and the ranker learns from
+windows that end before `train_end` only. Its number of trees is picked on an earlier
+validation split (train on one window, early-stop on the next); the test period is never seen
+in training or tuning. The baselines (most popular, re-buy then popular, EASE, implicit ALS)
+are computed in the same run on the same training purchases.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from features.rec_features import RecEvents, build_state
+from models import baselines as bl
+from models.candidates import CandidateConfig
+from models.ranker import LambdaRanker
+from models.rec_metrics import ranking_metrics
+from models.recommend import BusinessRules, Recommender, RecRequest, rank_batch, recommend, training_set
+
+DEFAULT_DATA = Path("../shared/data/online-retail/transactions.parquet")
+K = 10
+EASE_LAMBDA = {"all": 200.0, "new": 1000.0}  # the README's values (picked on its test period)
+MODES = ("all", "new")
+
+# Reference figures of the README (nDCG@10): context for the table, not the bar we compute.
+PUBLISHED: dict[str, dict[str, float | None]] = {
+    "most_popular": {"all": 0.106, "new": 0.043},
+    "rebuy_then_popular": {"all": 0.292, "new": None},
+    "ease": {"all": 0.283, "new": 0.111},
+    "als": {"all": 0.289, "new": 0.103},
+}
+
+
+class BenchError(ValueError):
+    """The benchmark cannot run as asked; the message says why (shown without a stack trace)."""
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    data: Path = DEFAULT_DATA
+    train_end: str = "2011-09-01"
+    test_end: str = "2011-11-01"
+    k: int = K
+    training_windows: int = 2  # label windows before train_end used to fit the final ranker
+    max_users: int | None = None  # evaluate on a sample (tests); None = every eligible person
+    n_candidates: int = 300
+    latency_requests: int = 300
+    n_estimators: int = 600
+    seed: int = 0
+
+
+# --------------------------------------------------------------------------- data
+
+
+def load_events(data: Path, workdir: Path, progress: bool = False) -> RecEvents:
+    """Import the retail set into event tables, then keep the protocol's purchase lines."""
+    from features.importers import DataImportError, import_online_retail
+    from features.storage import read_table
+
+    if not data.exists():
+        raise BenchError(f"{data} not found: pass --data PATH to the Online Retail transactions.parquet")
+    try:
+        import_online_retail(data, workdir, progress=progress)
+    except DataImportError as exc:
+        raise BenchError(str(exc)) from None
+    events = RecEvents.from_dir(workdir)
+    users = read_table(workdir, "users", ["user_id", "is_guest"])
+    return protocol_filter(events, users)
+
+
+def protocol_filter(events: RecEvents, users: pd.DataFrame) -> RecEvents:
+    """Purchases of registered customers (no guests) of items whose code starts with a digit."""
+    guests = set(users.loc[users["is_guest"], "user_id"].astype(str))
+    inter = events.interactions
+    keep = (
+        (inter["event_type"].astype(str) == "purchase")
+        & (inter["quantity"] > 0)
+        & ~inter["user_id"].astype(str).isin(guests)
+        & inter["item_id"].astype(str).str.match(r"^\d")
+    )
+    items = events.items[events.items["item_id"].astype(str).str.match(r"^\d")]
+    return RecEvents(inter[keep].reset_index(drop=True), items.reset_index(drop=True), events.creators)
+
+
+def _utc(ts: str | pd.Timestamp) -> pd.Timestamp:
+    t = pd.Timestamp(ts)
+    return t.tz_localize("UTC") if t.tzinfo is None else t.tz_convert("UTC")
+
+
+@dataclass(frozen=True)
+class Split:
+    train: pd.DataFrame  # purchases before train_end
+    test: pd.DataFrame  # purchases in [train_end, test_end)
+    users: list[str]  # persons in both periods
+
+    def relevant(self, mode: str) -> pd.DataFrame:
+        rel = self.test[["user_id", "item_id"]].drop_duplicates().rename(columns={"user_id": "user", "item_id": "item"})
+        rel = rel[rel["user"].isin(set(self.users))]
+        if mode == "new":
+            seen = self.train[["user_id", "item_id"]].drop_duplicates()
+            seen = seen.rename(columns={"user_id": "user", "item_id": "item"}).assign(seen=True)
+            rel = rel.merge(seen, on=["user", "item"], how="left")
+            rel = rel[rel["seen"].isna()].drop(columns="seen")
+        return rel
+
+
+def split(events: RecEvents, train_end: pd.Timestamp, test_end: pd.Timestamp, max_users: int | None, seed: int) -> Split:
+    inter = events.interactions
+    times = pd.to_datetime(inter["event_time"], utc=True)
+    cols = ["user_id", "item_id", "event_time"]
+    train = inter.loc[times < train_end, cols]
+    test = inter.loc[(times >= train_end) & (times < test_end), cols]
+    users = np.intersect1d(train["user_id"].astype(str).unique(), test["user_id"].astype(str).unique())
+    if len(users) == 0:
+        raise BenchError(f"no person bought both before {train_end:%Y-%m-%d} and up to {test_end:%Y-%m-%d}")
+    if max_users is not None and len(users) > max_users:
+        users = np.sort(np.random.default_rng(seed).choice(users, max_users, replace=False))
+    return Split(train, test, [str(u) for u in users])
+
+
+# --------------------------------------------------------------------------- models
+
+
+def run_baselines(sp: Split, k: int, step: Callable[[str], Any]) -> dict[str, dict[str, pd.DataFrame]]:
+    from threadpoolctl import threadpool_limits
+
+    data = bl.Interactions.from_purchases(sp.train)
+    out: dict[str, dict[str, pd.DataFrame]] = {}
+    with step("baseline: most popular"):
+        out["most_popular"] = {m: bl.most_popular(data, sp.users, k, m == "new") for m in MODES}
+    with step("baseline: re-buy then popular"):
+        out["rebuy_then_popular"] = {m: bl.rebuy_then_popular(data, sp.users, k, m == "new") for m in MODES}
+    with step("baseline: EASE"):
+        out["ease"] = {m: bl.ease(data, sp.users, k, m == "new", lam=EASE_LAMBDA[m]) for m in MODES}
+    with step("baseline: implicit ALS"), threadpool_limits(1, "blas"):
+        out["als"] = {m: bl.als(data, sp.users, k, m == "new") for m in MODES}
+    return out
+
+
+def _windows(train_end: pd.Timestamp, length: pd.Timedelta, n: int) -> list[tuple[pd.Timestamp, pd.Timestamp]]:
+    """`n` consecutive (cutoff, label_end) windows, the last one ending at `train_end`."""
+    return [(train_end - (i + 1) * length, train_end - i * length) for i in reversed(range(n))]
+
+
+def train_ranker(
+    events: RecEvents,
+    train_end: pd.Timestamp,
+    label_length: pd.Timedelta,
+    rules: BusinessRules,
+    config: BenchConfig,
+    candidates: CandidateConfig,
+    step: Callable[[str], Any],
+) -> tuple[LambdaRanker, dict[str, Any]]:
+    """Pick the number of trees on an earlier split, then fit on the latest windows."""
+    mode = "all" if rules.allow_repeats else "new"
+    windows = _windows(train_end, label_length, config.training_windows + 1)
+    sets = []
+    for cutoff, label_end in windows:
+        with step(f"{mode}: training set, features < {cutoff:%Y-%m-%d}, labels to {label_end:%Y-%m-%d}"):
+            sets.append(training_set(events, cutoff, label_end, rules=rules, config=candidates))
+    # validation split: fit on the window before the last, early-stop on the last one
+    tune_train, tune_valid = sets[-3] if len(sets) > 2 else sets[0], sets[-2]
+    with step(f"{mode}: tune trees (validation window ending {windows[-2][1]:%Y-%m-%d})"):
+        probe = LambdaRanker(n_estimators=config.n_estimators, random_state=config.seed)
+        probe.fit(
+            tune_train.X,
+            tune_train.y,
+            tune_train.group,
+            feature_names=tune_train.feature_names,
+            eval_set=(tune_valid.X, tune_valid.y, tune_valid.group),
+        )
+    final_sets = sets[-config.training_windows :]
+    X = np.vstack([s.X for s in final_sets])
+    y = np.concatenate([s.y for s in final_sets])
+    group = np.concatenate([s.group for s in final_sets])
+    trees = max(20, int(probe.best_iteration_ * 1.1))
+    with step(f"{mode}: fit ranker ({trees} trees, {len(group)} groups, {len(y):,} rows)"):
+        ranker = LambdaRanker(n_estimators=trees, random_state=config.seed)
+        ranker.fit(X, y, group, feature_names=final_sets[0].feature_names)
+    info = {
+        "windows": [[f"{c:%Y-%m-%d}", f"{e:%Y-%m-%d}"] for c, e in windows[-config.training_windows :]],
+        "trees": trees,
+        "groups": len(group),
+        "rows": len(y),
+        "candidate_recall_train": round(final_sets[-1].candidate_recall, 4),
+        "top_features": sorted(ranker.feature_importance().items(), key=lambda kv: -kv[1])[:8],
+    }
+    return ranker, info
+
+
+def measure_latency(rec: Recommender, users: list[str], n: int, seed: int) -> dict[str, float]:
+    """Wall time of `recommend` (candidates + features + ranking + rules) for one request."""
+    rng = np.random.default_rng(seed)
+    picks = rng.choice(users, size=min(n, len(users)), replace=len(users) < n)
+    for u in picks[:10]:  # warm caches
+        recommend(rec, RecRequest(user_id=str(u), k=K))
+    times = []
+    for u in picks:
+        t = time.perf_counter()
+        recommend(rec, RecRequest(user_id=str(u), k=K))
+        times.append((time.perf_counter() - t) * 1000.0)
+    arr = np.asarray(times)
+    return {
+        "p50_ms": round(float(np.percentile(arr, 50)), 3),
+        "p99_ms": round(float(np.percentile(arr, 99)), 3),
+        "requests": len(arr),
+        "candidates": rec.candidates.n,
+    }
+
+
+# --------------------------------------------------------------------------- run
+
+
+def run(config: BenchConfig, progress: bool = True, events: RecEvents | None = None) -> dict[str, Any]:
+    """The whole benchmark; returns the JSON-ready result (`events`: already imported tables)."""
+    from rich.console import Console
+
+    console = Console(stderr=True, quiet=not progress)
+    train_end, test_end = _utc(config.train_end), _utc(config.test_end)
+    if test_end <= train_end:
+        raise BenchError(f"--test-end {config.test_end} must be after --train-end {config.train_end}")
+    started = time.perf_counter()
+
+    @contextmanager
+    def step(label: str) -> Iterator[None]:
+        t = time.perf_counter()
+        with console.status(label):
+            yield
+        console.log(f"{label}: {time.perf_counter() - t:.1f} s")
+
+    if events is None:
+        with tempfile.TemporaryDirectory(prefix="aipic-retail-") as tmp, step("import Online Retail into event tables"):
+            events = load_events(Path(config.data), Path(tmp))
+    sp_ = split(events, train_end, test_end, config.max_users, config.seed)
+    catalogue = sp_.train["item_id"].nunique()
+    lists = run_baselines(sp_, config.k, step)
+
+    cand_cfg = CandidateConfig(n=config.n_candidates)
+    label_length = test_end - train_end
+    trained: dict[str, dict[str, Any]] = {}
+    rankers: dict[str, LambdaRanker] = {}
+    with step(f"snapshot as of {train_end:%Y-%m-%d}"):
+        state = build_state(events, train_end)
+    for mode in MODES:
+        rules = BusinessRules(allow_repeats=mode == "all", max_per_creator=None)
+        ranker, info = train_ranker(events, train_end, label_length, rules, config, cand_cfg, step)
+        rankers[mode], trained[mode] = ranker, info
+        with step(f"{mode}: rank {len(sp_.users)} test persons"):
+            recs = rank_batch(state, ranker, sp_.users, rules=rules, k=config.k, config=cand_cfg)
+        lists.setdefault("aipic", {})[mode] = recs.rename(columns={"user_id": "user", "item_id": "item"})
+
+    result: dict[str, Any] = {}
+    for name, by_mode in lists.items():
+        row: dict[str, float] = {}
+        for mode in MODES:
+            m = ranking_metrics(by_mode[mode], sp_.relevant(mode), config.k, catalogue)
+            row[f"ndcg_at_{config.k}_{mode}"] = round(m["ndcg"], 4)
+            row[f"recall_at_{config.k}_{mode}"] = round(m["recall"], 4)
+            if mode == "all":
+                row["coverage"] = round(m["coverage"], 4)
+        result[name] = row
+    with step("latency of one request"):
+        rec = Recommender(
+            state, {"personalized": rankers["all"]}, BusinessRules(allow_repeats=True, max_per_creator=None), cand_cfg
+        )
+        result["latency"] = measure_latency(rec, sp_.users, config.latency_requests, config.seed)
+    result["protocol"] = {
+        **{k: str(v) for k, v in asdict(config).items()},
+        "users": len(sp_.users),
+        "users_with_new_items": int(sp_.relevant("new")["user"].nunique()),
+        "catalogue": int(catalogue),
+        "ease_lambda": EASE_LAMBDA,
+        "training": trained,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    result["published"] = PUBLISHED
+    return result
+
+
+def print_table(result: dict[str, Any], k: int = K) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"Online Retail next-purchase, k={k}, {result['protocol']['users']} persons")
+    for col in ("model", f"nDCG@{k} all", f"nDCG@{k} new", f"recall@{k} all", f"recall@{k} new", "coverage"):
+        table.add_column(col, justify="left" if col == "model" else "right")
+    for name in ("most_popular", "rebuy_then_popular", "ease", "als", "aipic"):
+        r = result[name]
+        table.add_row(
+            name,
+            *(
+                f"{r[key]:.4f}"
+                for key in (f"ndcg_at_{k}_all", f"ndcg_at_{k}_new", f"recall_at_{k}_all", f"recall_at_{k}_new")
+            ),
+            f"{r['coverage']:.3f}",
+        )
+    console = Console()
+    console.print(table)
+    lat = result["latency"]
+    console.print(
+        f"one request ({lat['candidates']} candidates, in-process): p50 {lat['p50_ms']:.2f} ms, "
+        f"p99 {lat['p99_ms']:.2f} ms over {lat['requests']} requests"
+    )
+
+
+def write_json(result: dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2, default=str))
