@@ -97,3 +97,33 @@ def validate_cmd(
     if not counts:
         raise fail(f"no event tables found in {directory}")
     typer.echo(json.dumps({"directory": str(directory), "rows": counts}, indent=2))
+
+
+@features_app.command("build")
+def build_cmd(
+    events: Annotated[Path | None, typer.Option(help="Event tables (default var/data/marketplace).")] = None,
+    online_state: Annotated[bool, typer.Option(help="Also load the online event state.")] = True,
+) -> None:
+    """Compute the offline feature tables, apply the Feast repo, materialise; print a JSON summary."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from features.payment_features import FeaturePipelineError
+    from features.store import StoreError, build_features
+
+    s = get_settings()
+    events_dir = events or s.events_dir
+    if not (events_dir / "payments.parquet").exists():
+        raise fail(f"{events_dir}/payments.parquet not found: run `aipic data simulate` or `aipic data import` first")
+    with Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), TimeElapsedColumn(), transient=True
+    ) as progress:
+        task = progress.add_task("features", total=None)
+
+        def on_step(name: str, done: int, total: int) -> None:
+            progress.update(task, description=name, completed=done, total=total)
+
+        try:
+            summary = build_features(events_dir, s, on_step=on_step, load_online_state=online_state)
+        except (FeaturePipelineError, StoreError, FileNotFoundError) as exc:
+            raise fail(str(exc)) from None
+    typer.echo(json.dumps(summary, indent=2, default=str))

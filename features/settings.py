@@ -27,6 +27,11 @@ class Settings(BaseSettings):
     # Stores
     online_store: Literal["sqlite", "redis"] = "sqlite"
     redis_url: str = "redis://127.0.0.1:6379/0"
+    feast_project: str = Field(
+        default="aipic",
+        pattern=r"^[a-z][a-z0-9_]*$",
+        description="Feast project name: namespaces the registry and every online-store key.",
+    )
     feast_registry_url: str | None = Field(
         default=None, description="SQLAlchemy URL of the Feast registry; SQLite file under var/ if unset."
     )

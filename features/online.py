@@ -1,0 +1,1034 @@
+"""The online path: one real-time update function and the online feature vector of a payment.
+
+Design (why online equals offline exactly):
+
+* Every fraud feature is a function of the events that happened strictly before the
+  payment, plus the payment itself (see `features.payment_features`). The online store
+  therefore keeps the *events*, not pre-aggregated values: per user, card, device, IP and
+  creator a log of recent payment records (30 days plus a day of lateness), the disputes
+  per user/card/creator with their reported time, the first time a user used each
+  card/device/country, and one index row per payment (to route a dispute to its user, card
+  and creator). Profiles (users, items) are Feast feature views, materialised from the
+  event tables and pushed by `update_online` when a user or item event arrives.
+* `update_online` appends an event (idempotent: the same event twice changes nothing,
+  arrival order does not matter) and is called by both the API's event ingestion and the
+  scoring path, so a card-testing burst is visible to the very next score.
+* `online_payment_vector` reads the state of the payment's entities in one round trip and
+  computes the vector with the same definitions as the offline SQL (integer cents, the
+  same window edges). The parity test replays a simulated stream and compares every value.
+
+Two backends, chosen by settings: SQLite (a file next to Feast's SQLite online store) and
+Redis (the same server as Feast's Redis online store, keys ``aipic:<project>:...``).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+import sqlite3
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+from features.events import Creator, Dispute, Item, Payment, PaymentKind, User
+from features.payment_features import (
+    CREATOR_DISPUTE_WINDOWS,
+    DAY,
+    HISTORY_WINDOW,
+    HOUR,
+    PAYMENT_FEATURE_NAMES,
+    US,
+    VELOCITY_ENTITIES,
+    WINDOWS,
+)
+
+if TYPE_CHECKING:
+    import redis
+    from feast import FeatureStore
+
+    from features.settings import Settings
+
+#: How long payment records stay in the per-entity logs: the longest window plus the
+#: lateness an event may arrive with and still be counted exactly.
+LATENESS_US = DAY
+RETENTION_US = WINDOWS[HISTORY_WINDOW] + LATENESS_US
+LOG_ENTITIES = (*VELOCITY_ENTITIES, "creator")
+#: What `delete_entities` accepts (entity name -> what is keyed by it).
+ERASABLE = ("user", "card", "device", "ip", "creator", "item", "payment")
+_SEP = "\x1f"
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+_WINDOW_ITEMS = sorted(WINDOWS.items(), key=lambda kv: kv[1])
+#: Column of the SQLite payment index naming each erasable entity that payments mention.
+_PAYMENT_COLUMN = {"payment": "payment_id", "user": "user_id", "card": "card", "device": "device", "ip": "ip"}
+
+
+class OnlineFeatureError(ValueError):
+    """An event cannot be used online (wrong kind, bad identifier)."""
+
+
+def to_us(t: dt.datetime) -> int:
+    """Exact integer microseconds since the epoch (naive datetimes are UTC, as in storage)."""
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=dt.UTC)
+    return (t - _EPOCH) // dt.timedelta(microseconds=1)
+
+
+def to_cents(amount: float) -> int:
+    """Same rounding as the offline SQL: ``floor(amount * 100 + 0.5)``."""
+    return math.floor(amount * 100 + 0.5)
+
+
+_KEY_INDEX = {"user": 3, "card": 4, "device": 5, "ip": 6, "creator": 8}
+
+
+class PaymentRecord(NamedTuple):
+    """What the online state keeps of one payment (a tuple: decoding thousands must be cheap)."""
+
+    payment_id: str
+    ts: int
+    cents: int
+    user_id: str
+    card: str | None
+    device: str | None
+    ip: str | None
+    ip_country: str | None
+    creator_id: str | None
+    # request-only attributes: used for the vector, not kept in the logs
+    bin_country: str | None = None
+    billing_country: str | None = None
+    item_ids: tuple[str, ...] = ()
+
+    @classmethod
+    def from_payment(cls, p: Payment) -> PaymentRecord:
+        if p.kind != PaymentKind.PURCHASE:
+            raise OnlineFeatureError(f"payment {p.payment_id}: only purchases are scored, not {p.kind}")
+        rec = cls(
+            p.payment_id,
+            to_us(p.payment_time),
+            to_cents(p.amount),
+            p.user_id,
+            p.card_fingerprint,
+            p.device_id,
+            p.ip,
+            p.ip_country,
+            p.creator_id,
+            p.card_bin_country,
+            p.billing_country,
+            tuple(p.item_ids),
+        )
+        for v in (rec.payment_id, rec.user_id, rec.card, rec.device, rec.ip, rec.ip_country, rec.creator_id):
+            if v is not None and (_SEP in v or v == ""):
+                raise OnlineFeatureError(f"payment {p.payment_id}: empty identifier or control character")
+        return rec
+
+    def key(self, entity: str) -> str | None:
+        """The record's key for an entity of `LOG_ENTITIES`."""
+        return self[_KEY_INDEX[entity]]  # type: ignore[no-any-return]
+
+    def encode(self) -> str:
+        parts = (self.ts, self.payment_id, self.cents, self.user_id, self.card, self.device, self.ip)
+        rest = (self.ip_country, self.creator_id)
+        return _SEP.join("" if v is None else str(v) for v in (*parts, *rest))
+
+    @classmethod
+    def decode(cls, s: str | bytes) -> PaymentRecord:
+        text = s.decode() if isinstance(s, bytes) else s
+        ts, pid, cents, user, card, device, ip, ipc, creator = text.split(_SEP)
+        return cls(
+            pid,
+            int(ts),
+            int(cents),
+            user,
+            card or None,
+            device or None,
+            ip or None,
+            ipc or None,
+            creator or None,
+        )
+
+
+@dataclass
+class Snapshot:
+    """Everything the vector of one payment depends on, read in one go from the state."""
+
+    logs: dict[str, list[PaymentRecord]] = field(default_factory=dict)  # user/card/device/ip, (t - 30 d, t)
+    creator_n: int = 0  # the creator's payments in (t - 30 d, t)
+    creator_buyers: int = 0  # distinct buyers among them
+    creator_same: int = 0  # how many of them this buyer made
+    user_disputes: int = 0
+    card_disputes: int = 0
+    creator_disputes: dict[str, int] = field(default_factory=dict)  # "all", "7d", "30d"
+    creator_prior: int = 0
+    first_seen: dict[str, int | None] = field(default_factory=dict)  # "card" | "device" | "country"
+    user_profile: dict[str, Any] | None = None
+    items: list[tuple[int, int]] = field(default_factory=list)  # (price_cents, created_ts)
+
+
+# --- the vector (pure) ------------------------------------------------------------------------
+
+
+def _flag(cond: bool) -> float:
+    return 1.0 if cond else 0.0
+
+
+def _mismatch(a: str | None, b: str | None) -> float:
+    return math.nan if a is None or b is None else _flag(a != b)
+
+
+def compute_payment_vector(rec: PaymentRecord, snap: Snapshot) -> dict[str, float]:
+    """The feature vector of ``rec`` from the state before it (same definitions as offline)."""
+    t = rec.ts
+    out: dict[str, float] = dict.fromkeys(PAYMENT_FEATURE_NAMES, math.nan)
+    h = HISTORY_WINDOW
+    # request
+    out["amount"] = rec.cents / 100
+    out["is_night"] = _flag((t // HOUR) % 24 < 6)
+    out["is_weekend"] = _flag(((t // DAY) + 3) % 7 >= 5)
+    out["bin_billing_mismatch"] = _mismatch(rec.bin_country, rec.billing_country)
+    out["ip_bin_mismatch"] = _mismatch(rec.ip_country, rec.bin_country)
+    out["ip_billing_mismatch"] = _mismatch(rec.ip_country, rec.billing_country)
+
+    # velocity per entity: the log is strictly earlier, so add the current payment
+    for ent in VELOCITY_ENTITIES:
+        if rec.key(ent) is None:
+            continue
+        log = snap.logs.get(ent, [])
+        for name, width in _WINDOW_ITEMS:
+            n, s, m = 1, rec.cents, rec.cents
+            lo = t - width
+            for r in log:
+                if r.ts > lo:
+                    n += 1
+                    s += r.cents
+                    if r.cents > m:
+                        m = r.cents
+            out[f"{ent}_count_{name}"] = float(n)
+            out[f"{ent}_amount_sum_{name}"] = s / 100
+            out[f"{ent}_amount_mean_{name}"] = s / n / 100
+            out[f"{ent}_amount_max_{name}"] = m / 100
+
+    # user history (previous payments only) and profile
+    ulog = snap.logs.get("user", [])
+    n_prev = len(ulog)
+    s_prev = sum(r.cents for r in ulog)
+    ss_prev = sum(r.cents * r.cents for r in ulog)
+    if n_prev > 0 and s_prev > 0:
+        out[f"user_amount_ratio_mean_{h}"] = float(n_prev * rec.cents) / float(s_prev)
+    var_num = n_prev * ss_prev - s_prev * s_prev
+    if n_prev >= 2 and var_num > 0:
+        out[f"user_amount_zscore_{h}"] = float(n_prev * rec.cents - s_prev) / math.sqrt(float(var_num))
+    if ulog:
+        out[f"user_secs_since_prev_payment_{h}"] = float(t - max(r.ts for r in ulog)) / US
+    prof = snap.user_profile
+    if prof is not None:
+        if prof.get("signup_ts") is not None:
+            out["user_account_age_days"] = float(t - int(prof["signup_ts"])) / DAY
+        kyc = prof.get("kyc_status")
+        if kyc is not None:
+            out["user_kyc_verified"] = _flag(kyc == "verified")
+            out["user_kyc_pending"] = _flag(kyc == "pending")
+            out["user_kyc_failed"] = _flag(kyc == "failed")
+        if prof.get("is_guest") is not None:
+            out["user_is_guest"] = float(bool(prof["is_guest"]))
+        out["user_country_ip_mismatch"] = _mismatch(rec.ip_country, prof.get("country"))
+    for col, attr in (("cards", "card"), ("devices", "device"), ("ips", "ip"), ("countries", "ip_country")):
+        values = {getattr(r, attr) for r in ulog} | {getattr(rec, attr)}
+        values.discard(None)
+        out[f"user_distinct_{col}_{h}"] = float(len(values))
+    for what, attr in (("card", "card"), ("device", "device"), ("country", "ip_country")):
+        if getattr(rec, attr) is not None:
+            first = snap.first_seen.get(what)
+            out[f"user_new_{what}"] = _flag(first is None or first >= t)
+    out["user_disputes_reported"] = float(snap.user_disputes)
+
+    # shared instruments
+    for ent in ("card", "device", "ip"):
+        if rec.key(ent) is not None:
+            users = {r.user_id for r in snap.logs.get(ent, [])} | {rec.user_id}
+            out[f"{ent}_distinct_users_{h}"] = float(len(users))
+    if rec.card is not None:
+        out["card_disputes_reported"] = float(snap.card_disputes)
+
+    # creator
+    if rec.creator_id is not None:
+        d_all = snap.creator_disputes.get("all", 0)
+        out["creator_prior_payments"] = float(snap.creator_prior)
+        out["creator_disputes_reported"] = float(d_all)
+        for w in CREATOR_DISPUTE_WINDOWS:
+            out[f"creator_disputes_reported_{w}"] = float(snap.creator_disputes.get(w, 0))
+        if snap.creator_prior > 0:
+            out["creator_dispute_rate"] = float(d_all) / snap.creator_prior
+        n_win = snap.creator_n + 1
+        buyers = snap.creator_buyers + (0 if snap.creator_same else 1)
+        same = snap.creator_same + 1
+        out[f"creator_payments_{h}"] = float(n_win)
+        out[f"creator_distinct_buyers_{h}"] = float(buyers)
+        out[f"creator_repeat_share_{h}"] = float(n_win - buyers) / n_win
+        out[f"creator_buyer_share_{h}"] = float(same) / n_win
+
+    # items
+    out["items_count"] = float(len(rec.item_ids))
+    if snap.items:
+        out["items_price_sum"] = sum(p for p, _ in snap.items) / 100
+        out["items_price_max"] = max(p for p, _ in snap.items) / 100
+        out["items_min_age_days"] = float(t - max(c for _, c in snap.items)) / DAY
+    return out
+
+
+# --- the event state ----------------------------------------------------------------------------
+
+
+@dataclass
+class StateBatch:
+    """Columnar writes to the event state (one transaction / one pipeline)."""
+
+    logs: list[tuple[str, str, int, str, str]] = field(default_factory=list)  # kind, key, ts, pid, record
+    payments: list[tuple[str, int, str, str | None, str | None, str | None, str | None, str]] = field(
+        default_factory=list
+    )  # pid, ts, user, card, device, ip, creator, record
+    first_seen: list[tuple[str, str, str, int]] = field(default_factory=list)  # user, what, value, ts
+    disputes: list[tuple[str, str, str, int]] = field(default_factory=list)  # kind, key, dispute_id, ts
+    prune: dict[tuple[str, str], int] = field(default_factory=dict)  # (kind, key) -> drop ts below
+
+    def add_payment(self, rec: PaymentRecord) -> None:
+        enc = rec.encode()
+        self.payments.append(
+            (rec.payment_id, rec.ts, rec.user_id, rec.card, rec.device, rec.ip, rec.creator_id, enc)
+        )
+        for kind in LOG_ENTITIES:
+            key = rec.key(kind)
+            if key is None:
+                continue
+            self.logs.append((kind, key, rec.ts, rec.payment_id, enc))
+            floor = rec.ts - RETENTION_US
+            if self.prune.get((kind, key), floor - 1) < floor:
+                self.prune[(kind, key)] = floor
+        for what, value in (("card", rec.card), ("device", rec.device), ("country", rec.ip_country)):
+            if value is not None:
+                self.first_seen.append((rec.user_id, what, value, rec.ts))
+
+
+class EventState(ABC):
+    """Per-entity recent events, disputes and first-seen times of one Feast project."""
+
+    project: str
+
+    @abstractmethod
+    def write(self, batch: StateBatch) -> None:
+        """Apply a batch atomically; idempotent (the same batch twice changes nothing)."""
+
+    @abstractmethod
+    def payment_routes(self, payment_ids: Sequence[str]) -> dict[str, tuple[str, str | None, str | None]]:
+        """payment id -> (user, card, creator) for the known ones (routes a dispute)."""
+
+    @abstractmethod
+    def snapshot(self, rec: PaymentRecord) -> Snapshot:
+        """The state strictly before ``rec.ts`` that its vector needs (profiles excluded)."""
+
+    @abstractmethod
+    def delete(self, entity: str, keys: Sequence[str]) -> int:
+        """Erase everything keyed by these entities; return how many records went."""
+
+    @abstractmethod
+    def clear(self) -> None:
+        """Drop this project's whole state."""
+
+    def close(self) -> None:  # noqa: B027  (optional hook)
+        """Release connections."""
+
+
+_SQLITE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS log (project TEXT, kind TEXT, key TEXT, payment_id TEXT, ts INTEGER, record TEXT,
+  PRIMARY KEY (project, kind, key, payment_id)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS log_ts ON log (project, kind, key, ts);
+CREATE INDEX IF NOT EXISTS log_pid ON log (project, payment_id);
+CREATE TABLE IF NOT EXISTS payment (project TEXT, payment_id TEXT, ts INTEGER, user_id TEXT, card TEXT,
+  device TEXT, ip TEXT, creator_id TEXT, record TEXT, PRIMARY KEY (project, payment_id)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS payment_creator ON payment (project, creator_id, ts);
+CREATE INDEX IF NOT EXISTS payment_user ON payment (project, user_id);
+CREATE TABLE IF NOT EXISTS first_seen (project TEXT, user_id TEXT, what TEXT, value TEXT, ts INTEGER,
+  PRIMARY KEY (project, user_id, what, value)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS dispute (project TEXT, kind TEXT, key TEXT, dispute_id TEXT, ts INTEGER,
+  PRIMARY KEY (project, kind, key, dispute_id)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS dispute_ts ON dispute (project, kind, key, ts);
+"""
+
+
+class SqliteEventState(EventState):
+    """The state in one SQLite file (local configuration). Thread-safe through one lock."""
+
+    def __init__(self, path: Path, project: str) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self.project = project
+        self._lock = threading.Lock()
+        self._conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA synchronous=NORMAL")
+        self._conn.executescript(_SQLITE_SCHEMA)
+
+    def write(self, batch: StateBatch) -> None:
+        p = self.project
+        with self._lock:
+            c = self._conn
+            c.execute("BEGIN")
+            try:
+                c.executemany(
+                    "INSERT OR IGNORE INTO payment VALUES (?,?,?,?,?,?,?,?,?)",
+                    [(p, *row) for row in batch.payments],
+                )
+                c.executemany(
+                    "INSERT OR IGNORE INTO log (project, kind, key, ts, payment_id, record) VALUES (?,?,?,?,?,?)", [(p, *row) for row in batch.logs]
+                )
+                c.executemany(
+                    "INSERT INTO first_seen VALUES (?,?,?,?,?) ON CONFLICT DO UPDATE SET ts = min(ts, excluded.ts)",
+                    [(p, *row) for row in batch.first_seen],
+                )
+                c.executemany(
+                    "INSERT OR IGNORE INTO dispute VALUES (?,?,?,?,?)", [(p, *row) for row in batch.disputes]
+                )
+                c.executemany(
+                    "DELETE FROM log WHERE project=? AND kind=? AND key=? AND ts < ?",
+                    [(p, kind, key, floor) for (kind, key), floor in batch.prune.items()],
+                )
+                c.execute("COMMIT")
+            except BaseException:
+                c.execute("ROLLBACK")
+                raise
+
+    def payment_routes(self, payment_ids: Sequence[str]) -> dict[str, tuple[str, str | None, str | None]]:
+        out: dict[str, tuple[str, str | None, str | None]] = {}
+        ids = list(payment_ids)
+        with self._lock:
+            for i in range(0, len(ids), 500):
+                chunk = ids[i : i + 500]
+                rows = self._conn.execute(
+                    f"SELECT payment_id, user_id, card, creator_id FROM payment WHERE project=? "
+                    f"AND payment_id IN ({','.join('?' * len(chunk))})",
+                    [self.project, *chunk],
+                ).fetchall()
+                out.update({r[0]: (r[1], r[2], r[3]) for r in rows})
+        return out
+
+    def snapshot(self, rec: PaymentRecord) -> Snapshot:
+        p, t = self.project, rec.ts
+        snap = Snapshot()
+        lo = t - WINDOWS[HISTORY_WINDOW]
+        with self._lock:
+            c = self._conn
+            for kind in VELOCITY_ENTITIES:
+                key = rec.key(kind)
+                if key is None:
+                    continue
+                rows = c.execute(
+                    "SELECT record FROM log WHERE project=? AND kind=? AND key=? AND ts > ? AND ts < ?",
+                    (p, kind, key, lo, t),
+                ).fetchall()
+                snap.logs[kind] = [PaymentRecord.decode(r[0]) for r in rows]
+            if rec.creator_id is not None:
+                row = c.execute(
+                    "SELECT count(*), count(DISTINCT user_id), coalesce(sum(user_id = ?), 0) FROM payment "
+                    "WHERE project=? AND creator_id=? AND ts > ? AND ts < ?",
+                    (rec.user_id, p, rec.creator_id, lo, t),
+                ).fetchone()
+                snap.creator_n, snap.creator_buyers, snap.creator_same = (int(v) for v in row)
+
+            def disputes(kind: str, key: str, since: int | None = None) -> int:
+                q = "SELECT count(*) FROM dispute WHERE project=? AND kind=? AND key=? AND ts < ?"
+                args: tuple[Any, ...] = (p, kind, key, t)
+                if since is not None:
+                    q += " AND ts > ?"
+                    args = (*args, since)
+                return int(c.execute(q, args).fetchone()[0])
+
+            snap.user_disputes = disputes("user", rec.user_id)
+            if rec.card is not None:
+                snap.card_disputes = disputes("card", rec.card)
+            if rec.creator_id is not None:
+                snap.creator_disputes = {"all": disputes("creator", rec.creator_id)}
+                for w in CREATOR_DISPUTE_WINDOWS:
+                    snap.creator_disputes[w] = disputes("creator", rec.creator_id, t - WINDOWS[w])
+                snap.creator_prior = int(
+                    c.execute(
+                        "SELECT count(*) FROM payment WHERE project=? AND creator_id=? AND ts < ?",
+                        (p, rec.creator_id, t),
+                    ).fetchone()[0]
+                )
+            rows = c.execute(
+                "SELECT what, value, ts FROM first_seen WHERE project=? AND user_id=?", (p, rec.user_id)
+            ).fetchall()
+        seen = {(w, v): ts for w, v, ts in rows}
+        snap.first_seen = {
+            "card": seen.get(("card", rec.card)) if rec.card else None,
+            "device": seen.get(("device", rec.device)) if rec.device else None,
+            "country": seen.get(("country", rec.ip_country)) if rec.ip_country else None,
+        }
+        return snap
+
+    def delete(self, entity: str, keys: Sequence[str]) -> int:
+        p = self.project
+        col = _PAYMENT_COLUMN.get(entity)
+        n = 0
+        with self._lock:
+            c = self._conn
+            c.execute("BEGIN")
+            try:
+                for key in keys:
+                    if col is not None:  # the payments mentioning the key leave every log
+                        pids = [
+                            r[0]
+                            for r in c.execute(
+                                f"SELECT payment_id FROM payment WHERE project=? AND {col}=?", (p, key)
+                            ).fetchall()
+                        ]
+                        for pid in pids:
+                            n += c.execute(
+                                "DELETE FROM log WHERE project=? AND payment_id=?", (p, pid)
+                            ).rowcount
+                        n += c.execute(f"DELETE FROM payment WHERE project=? AND {col}=?", (p, key)).rowcount
+                    if entity in LOG_ENTITIES:
+                        n += c.execute(
+                            "DELETE FROM log WHERE project=? AND kind=? AND key=?", (p, entity, key)
+                        ).rowcount
+                    if entity in ("user", "card", "creator"):
+                        n += c.execute(
+                            "DELETE FROM dispute WHERE project=? AND kind=? AND key=?", (p, entity, key)
+                        ).rowcount
+                    if entity == "user":
+                        n += c.execute(
+                            "DELETE FROM first_seen WHERE project=? AND user_id=?", (p, key)
+                        ).rowcount
+                    elif entity in ("card", "device"):
+                        n += c.execute(
+                            "DELETE FROM first_seen WHERE project=? AND what=? AND value=?", (p, entity, key)
+                        ).rowcount
+                    if entity == "creator":  # its all-time sales count goes; buyers keep their history
+                        n += c.execute(
+                            "UPDATE payment SET creator_id=NULL WHERE project=? AND creator_id=?", (p, key)
+                        ).rowcount
+                c.execute("COMMIT")
+            except BaseException:
+                c.execute("ROLLBACK")
+                raise
+        return n
+
+    def clear(self) -> None:
+        with self._lock:
+            for table in ("log", "payment", "first_seen", "dispute"):
+                self._conn.execute(f"DELETE FROM {table} WHERE project=?", (self.project,))
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+
+class RedisEventState(EventState):
+    """The state in Redis (production): sorted sets scored by microseconds, one round trip per call.
+
+    Keys (``P`` = ``aipic:<project>``): ``P:log:<kind>:<key>`` (records by time),
+    ``P:disp:<kind>:<key>`` (dispute ids by reported time), ``P:first:<user>`` (``what:value``
+    by first time, kept minimal with ``ZADD LT``), ``P:pay:<payment_id>`` (hash routing a
+    dispute and erasure), ``P:cpay:<creator>`` (all payment ids by time),
+    ``P:upay:<user>`` / ``P:xpay:<kind>:<key>`` (payment ids of a person or instrument, for erasure).
+    """
+
+    def __init__(self, client: redis.Redis, project: str) -> None:
+        self.client = client
+        self.project = project
+        self.prefix = f"aipic:{project}:"
+
+    def _k(self, *parts: str) -> str:
+        return self.prefix + ":".join(parts)
+
+    def write(self, batch: StateBatch) -> None:
+        pipe = self.client.pipeline(transaction=True)
+        for pid, ts, user, card, device, ip, creator, enc in batch.payments:
+            mapping: dict[str | bytes, str | int] = {"ts": ts, "user": user, "card": card or "", "rec": enc}
+            mapping.update({"device": device or "", "ip": ip or "", "creator": creator or ""})
+            pipe.hset(self._k("pay", pid), mapping=mapping)
+            pipe.zadd(self._k("upay", user), {pid: ts})
+            for kind, key in (("card", card), ("device", device), ("ip", ip)):
+                if key is not None:
+                    pipe.zadd(self._k("xpay", kind, key), {pid: ts})
+            if creator is not None:
+                pipe.zadd(self._k("cpay", creator), {pid: ts})
+        for kind, key, ts, _pid, enc in batch.logs:
+            pipe.zadd(self._k("log", kind, key), {enc: ts})
+        for user, what, value, ts in batch.first_seen:
+            pipe.zadd(self._k("first", user), {f"{what}:{value}": ts}, lt=True)
+        for kind, key, dispute_id, ts in batch.disputes:
+            pipe.zadd(self._k("disp", kind, key), {dispute_id: ts})
+        for (kind, key), floor in batch.prune.items():
+            pipe.zremrangebyscore(self._k("log", kind, key), "-inf", f"({floor}")
+        pipe.execute()
+
+    def payment_routes(self, payment_ids: Sequence[str]) -> dict[str, tuple[str, str | None, str | None]]:
+        pipe = self.client.pipeline(transaction=False)
+        for pid in payment_ids:
+            pipe.hmget(self._k("pay", pid), ["user", "card", "creator"])
+        out: dict[str, tuple[str, str | None, str | None]] = {}
+        for pid, (user, card, creator) in zip(payment_ids, pipe.execute(), strict=True):
+            if user is not None:
+                out[pid] = (user.decode(), card.decode() or None, creator.decode() or None)
+        return out
+
+    def snapshot(self, rec: PaymentRecord) -> Snapshot:
+        t = rec.ts
+        lo = t - WINDOWS[HISTORY_WINDOW]
+        pipe = self.client.pipeline(transaction=False)
+        kinds = [k for k in LOG_ENTITIES if rec.key(k) is not None]
+        for kind in kinds:
+            pipe.zrangebyscore(self._k("log", kind, str(rec.key(kind))), f"({lo}", f"({t}")
+        pipe.zcount(self._k("disp", "user", rec.user_id), "-inf", f"({t}")
+        if rec.card is not None:
+            pipe.zcount(self._k("disp", "card", rec.card), "-inf", f"({t}")
+        if rec.creator_id is not None:
+            pipe.zcount(self._k("disp", "creator", rec.creator_id), "-inf", f"({t}")
+            for w in CREATOR_DISPUTE_WINDOWS:
+                pipe.zcount(self._k("disp", "creator", rec.creator_id), f"({t - WINDOWS[w]}", f"({t}")
+            pipe.zcount(self._k("cpay", rec.creator_id), "-inf", f"({t}")
+        wanted = [("card", rec.card), ("device", rec.device), ("country", rec.ip_country)]
+        pipe.zmscore(self._k("first", rec.user_id), [f"{w}:{v}" for w, v in wanted])
+        res = iter(pipe.execute())
+        snap = Snapshot()
+        for kind in kinds:
+            members = next(res)
+            if kind == "creator":  # only the buyer matters: split off what is needed
+                buyers: dict[bytes, bytes] = {}
+                for m in members:
+                    _ts, pid, _cents, user, _rest = m.split(b"\x1f", 4)
+                    buyers.setdefault(pid, user)
+                me = rec.user_id.encode()
+                snap.creator_n = len(buyers)
+                snap.creator_buyers = len(set(buyers.values()))
+                snap.creator_same = sum(1 for u in buyers.values() if u == me)
+            else:
+                snap.logs[kind] = [PaymentRecord.decode(m) for m in members]
+        snap.user_disputes = int(next(res))
+        if rec.card is not None:
+            snap.card_disputes = int(next(res))
+        if rec.creator_id is not None:
+            snap.creator_disputes = {"all": int(next(res))}
+            for w in CREATOR_DISPUTE_WINDOWS:
+                snap.creator_disputes[w] = int(next(res))
+            snap.creator_prior = int(next(res))
+        scores = next(res)
+        snap.first_seen = {
+            w: (int(s) if s is not None and v is not None else None)
+            for (w, v), s in zip(wanted, scores, strict=True)
+        }
+        for kind in snap.logs:  # a duplicate sent with other content: keep one record per payment
+            if len({r.payment_id for r in snap.logs[kind]}) != len(snap.logs[kind]):
+                seen: dict[str, PaymentRecord] = {}
+                for r in sorted(snap.logs[kind], key=lambda r: (r.ts, r.encode())):
+                    seen.setdefault(r.payment_id, r)
+                snap.logs[kind] = list(seen.values())
+        return snap
+
+    def delete(self, entity: str, keys: Sequence[str]) -> int:
+        c = self.client
+        n = 0
+        for key in keys:
+            pids: list[str] = []
+            if entity == "payment":
+                pids = [key]
+            elif entity == "user":
+                pids = [m.decode() for m in c.zrange(self._k("upay", key), 0, -1)]
+            elif entity in ("card", "device", "ip"):
+                pids = [m.decode() for m in c.zrange(self._k("xpay", entity, key), 0, -1)]
+            n += self._remove_payments(
+                pids, first_member=f"{entity}:{key}" if entity in ("card", "device") else None
+            )
+            doomed: list[str] = []
+            if entity in LOG_ENTITIES:
+                doomed.append(self._k("log", entity, key))
+            if entity in ("user", "card", "creator"):
+                doomed.append(self._k("disp", entity, key))
+            if entity == "user":
+                doomed += [self._k("first", key), self._k("upay", key)]
+            if entity in ("card", "device", "ip"):
+                doomed.append(self._k("xpay", entity, key))
+            if entity == "creator":
+                doomed.append(self._k("cpay", key))
+            if doomed:
+                n += int(c.delete(*doomed))
+        return n
+
+    def _remove_payments(self, pids: Sequence[str], *, first_member: str | None) -> int:
+        """Remove payments from every log and index (and a card/device from their users' first-seen)."""
+        if not pids:
+            return 0
+        c = self.client
+        pipe = c.pipeline(transaction=False)
+        for pid in pids:
+            pipe.hget(self._k("pay", pid), "rec")
+        encs = pipe.execute()
+        pipe = c.pipeline(transaction=True)
+        n = 0
+        for pid, enc in zip(pids, encs, strict=True):
+            if enc is None:
+                continue
+            rec = PaymentRecord.decode(enc)
+            for kind in LOG_ENTITIES:
+                key = rec.key(kind)
+                if key is not None:
+                    pipe.zrem(self._k("log", kind, key), enc)
+            pipe.delete(self._k("pay", pid))
+            pipe.zrem(self._k("upay", rec.user_id), pid)
+            for kind in ("card", "device", "ip"):
+                key = rec.key(kind)
+                if key is not None:
+                    pipe.zrem(self._k("xpay", kind, key), pid)
+            if rec.creator_id is not None:
+                pipe.zrem(self._k("cpay", rec.creator_id), pid)
+            if first_member is not None:
+                pipe.zrem(self._k("first", rec.user_id), first_member)
+            n += 1
+        pipe.execute()
+        return n
+
+    def clear(self) -> None:
+        batch: list[bytes] = []
+        for k in self.client.scan_iter(match=f"{self.prefix}*", count=1000):
+            batch.append(k)
+            if len(batch) >= 1000:
+                self.client.delete(*batch)
+                batch = []
+        if batch:
+            self.client.delete(*batch)
+
+    def close(self) -> None:
+        self.client.close()
+
+
+# --- the API's entry point ------------------------------------------------------------------------
+
+Event = Payment | Dispute | User | Item | Creator
+
+
+def _get(obj: Any, name: str, default: Any = None) -> Any:
+    return obj.get(name, default) if isinstance(obj, dict) else getattr(obj, name, default)
+
+
+def record_of(payment: Payment | dict[str, Any]) -> PaymentRecord:
+    """The online record of a payment given as the event model or a plain mapping."""
+    if isinstance(payment, Payment):
+        return PaymentRecord.from_payment(payment)
+    kind = str(_get(payment, "kind", PaymentKind.PURCHASE.value) or PaymentKind.PURCHASE.value)
+    try:
+        model = Payment.model_validate(
+            {
+                "payment_id": payment["payment_id"],
+                "user_id": payment["user_id"],
+                "item_ids": list(payment.get("item_ids") or []),
+                "payment_time": payment["payment_time"],
+                "kind": kind,
+                "amount": payment["amount"],
+                "currency": payment.get("currency") or "EUR",
+                **{
+                    k: payment.get(k)
+                    for k in ("card_fingerprint", "card_bin_country", "billing_country", "device_id", "ip")
+                },
+                "ip_country": payment.get("ip_country"),
+                "creator_id": payment.get("creator_id"),
+            }
+        )
+    except (KeyError, ValueError) as exc:
+        raise OnlineFeatureError(f"not a valid payment: {exc}") from None
+    return PaymentRecord.from_payment(model)
+
+
+class OnlineFeatures:
+    """The online feature store of the fraud model: Feast profiles + the event state.
+
+    One instance per process (thread-safe). ``OnlineFeatures(settings)`` opens the
+    configured stores; tests pass ``store`` / ``state`` explicitly.
+    """
+
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        *,
+        store: FeatureStore | None = None,
+        state: EventState | None = None,
+    ) -> None:
+        from features.settings import get_settings
+        from features.store import open_event_state, open_feature_store
+
+        self.settings = settings or get_settings()
+        self.store = store if store is not None else open_feature_store(self.settings)
+        self.state = state if state is not None else open_event_state(self.settings)
+        self._views: dict[str, Any] = {}
+        self._lock = threading.Lock()
+        if self.store.config.online_store.type == "sqlite":
+            # Feast's SQLite store commits with a full fsync per write (~8 ms); WAL makes a
+            # profile push cost what the event-state writes cost
+            conn = self.store._get_provider().online_store._get_conn(self.store.config)  # type: ignore[attr-defined]
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+
+    # -- profiles (Feast) --------------------------------------------------------------------
+    def _view(self, name: str) -> Any:
+        with self._lock:
+            if name not in self._views:
+                self._views[name] = self.store.get_feature_view(name)
+            return self._views[name]
+
+    def _read_profiles(self, view: str, join_key: str, keys: Sequence[str]) -> list[dict[str, Any] | None]:
+        from feast.protos.feast.types.EntityKey_pb2 import EntityKey
+        from feast.protos.feast.types.Value_pb2 import Value
+        from feast.type_map import feast_value_type_to_python_type
+
+        if not keys:
+            return []
+        fv = self._view(view)
+        ek = [EntityKey(join_keys=[join_key], entity_values=[Value(string_val=k)]) for k in keys]
+        provider = self.store._get_provider()
+        rows = provider.online_read(config=self.store.config, table=fv, entity_keys=ek)
+        out: list[dict[str, Any] | None] = []
+        for _ts, values in rows:
+            out.append(
+                None if values is None else {k: feast_value_type_to_python_type(v) for k, v in values.items()}
+            )
+        return out
+
+    def _write_profile(
+        self, view: str, join_key: str, key: str, values: dict[str, Any], when: dt.datetime
+    ) -> None:
+        from feast.protos.feast.types.EntityKey_pb2 import EntityKey
+        from feast.protos.feast.types.Value_pb2 import Value
+
+        def proto(v: Any) -> Value:
+            if v is None:
+                return Value()
+            if isinstance(v, bool | int):
+                return Value(int64_val=int(v))
+            return Value(string_val=str(v))
+
+        fv = self._view(view)
+        row = (
+            EntityKey(join_keys=[join_key], entity_values=[Value(string_val=key)]),
+            {k: proto(v) for k, v in values.items()},
+            _EPOCH + dt.timedelta(microseconds=to_us(when)),  # a plain UTC datetime (not a pandas subclass)
+            None,
+        )
+        self.store._get_provider().online_write_batch(self.store.config, fv, [row], progress=None)
+
+    # -- updates -----------------------------------------------------------------------------
+    def update(self, event: Event) -> bool:
+        """Apply one event to the online store; True if it changed anything.
+
+        The one real-time update function: the API's event ingestion and its scoring path
+        both call it. Idempotent and independent of arrival order.
+        """
+        if isinstance(event, Payment):
+            if event.kind != PaymentKind.PURCHASE:
+                return False
+            batch = StateBatch()
+            batch.add_payment(PaymentRecord.from_payment(event))
+            self.state.write(batch)
+            return True
+        if isinstance(event, Dispute):
+            routes = self.state.payment_routes([event.payment_id])
+            if event.payment_id not in routes:
+                return False
+            batch = StateBatch()
+            _route_dispute(batch, event.dispute_id, to_us(event.reported_time), routes[event.payment_id])
+            self.state.write(batch)
+            return True
+        if isinstance(event, User):
+            values = {
+                "signup_ts": to_us(event.signup_time),
+                "kyc_status": event.kyc_status.value,
+                "country": event.country,
+                "is_guest": int(event.is_guest),
+            }
+            self._write_profile("user_profile", "user_id", event.user_id, values, event.signup_time)
+            return True
+        if isinstance(event, Item):
+            values = {"price_cents": to_cents(event.price), "created_ts": to_us(event.created_time)}
+            self._write_profile("item_profile", "item_id", event.item_id, values, event.created_time)
+            return True
+        return False  # creators and other events carry nothing the fraud features use
+
+    def update_payment(self, payment: Payment | dict[str, Any]) -> bool:
+        """`update` for a payment given as a mapping (the API's request body)."""
+        if _get(payment, "kind", "purchase") not in (None, "purchase", PaymentKind.PURCHASE):
+            return False
+        rec = record_of(payment)
+        batch = StateBatch()
+        batch.add_payment(rec)
+        self.state.write(batch)
+        return True
+
+    def update_interactions(self, events: Sequence[Any]) -> None:
+        """Interactions carry nothing the fraud features use (recommendations keep their own state)."""
+        return None
+
+    # -- reads -------------------------------------------------------------------------------
+    def payment_vector(
+        self, payment: Payment | dict[str, Any], names: Sequence[str] | None = None
+    ) -> dict[str, float]:
+        """The feature vector of a payment being scored (it is included whether stored or not).
+
+        Missing values are NaN, exactly as in `payment_feature_frame`. ``names`` selects and
+        orders the columns of one model.
+        """
+        rec = record_of(payment)
+        snap = self.state.snapshot(rec)
+        prof = self._read_profiles("user_profile", "user_id", [rec.user_id])
+        snap.user_profile = prof[0] if prof else None
+        if rec.item_ids:
+            items = self._read_profiles("item_profile", "item_id", list(rec.item_ids))
+            snap.items = [
+                (int(i["price_cents"]), int(i["created_ts"]))
+                for i in items
+                if i is not None and i.get("price_cents") is not None and i.get("created_ts") is not None
+            ]
+        vec = compute_payment_vector(rec, snap)
+        if names is None:
+            return vec
+        try:
+            return {n: vec[n] for n in names}
+        except KeyError as exc:
+            raise OnlineFeatureError(f"unknown payment feature {exc}") from None
+
+    def request_vector(self, payment: Payment | dict[str, Any]) -> dict[str, float]:
+        """Features of the request alone (no store access): the degraded tier's inputs."""
+        rec = record_of(payment)
+        full = compute_payment_vector(rec, Snapshot())
+        from features.payment_features import REQUEST_FEATURES
+
+        return {n: full[n] for n in REQUEST_FEATURES}
+
+    def delete(self, entity: str, keys: Sequence[str]) -> int:
+        return delete_entities(self, entity, keys)
+
+    def close(self) -> None:
+        self.state.close()
+
+
+def _route_dispute(
+    batch: StateBatch, dispute_id: str, reported: int, route: tuple[str, str | None, str | None]
+) -> None:
+    user, card, creator = route
+    batch.disputes.append(("user", user, dispute_id, reported))
+    if card is not None:
+        batch.disputes.append(("card", card, dispute_id, reported))
+    if creator is not None:
+        batch.disputes.append(("creator", creator, dispute_id, reported))
+
+
+def update_online(online: OnlineFeatures, event: Event) -> bool:
+    """The one real-time update function (API event ingestion and scoring both call it)."""
+    return online.update(event)
+
+
+def online_payment_vector(
+    online: OnlineFeatures, payment: Payment | dict[str, Any], names: Sequence[str] | None = None
+) -> dict[str, float]:
+    """The online feature vector of a payment being scored (equal to the offline row within 1e-9)."""
+    return online.payment_vector(payment, names)
+
+
+def delete_entities(online: OnlineFeatures, entity_name: str, keys: Iterable[str]) -> int:
+    """Erase every online value keyed by ``entity_name`` (Feast views and the event state).
+
+    Feast has no per-key delete: for its SQLite store the rows of every view of the entity
+    are deleted by serialized entity key; for Redis the entity's hash (all views of one
+    entity live in one hash) is deleted. The event state drops the entity's logs, disputes,
+    first-seen times and every payment record that mentions the key (``payment``: by id).
+    Returns the number of records removed.
+    """
+    from features.store import delete_feast_entities
+
+    if entity_name not in ERASABLE:
+        raise OnlineFeatureError(f"cannot erase entity {entity_name!r}; known: {ERASABLE}")
+    key_list = [str(k) for k in keys]
+    n = online.state.delete(entity_name, key_list)
+    n += delete_feast_entities(online.store, entity_name, key_list)
+    return n
+
+
+def load_state(
+    online: OnlineFeatures,
+    events_dir: Path,
+    *,
+    chunk: int = 50_000,
+    on_progress: Any = None,
+) -> dict[str, int]:
+    """Fill the event state from the event tables (after a build; idempotent).
+
+    Every purchase goes into the payment index (disputes and erasure need it); the
+    per-entity logs receive the payments of the last `RETENTION_US` before the newest one
+    (older ones would be pruned anyway); first-seen times are the minima over all history.
+    Rows are encoded by DuckDB and written in batches: no Python loop over single events.
+    """
+    import duckdb
+
+    from features.storage import table_path
+
+    pay = str(table_path(events_dir, "payments")).replace("'", "''")
+    con = duckdb.connect()
+    sep = "chr(31)"
+    enc = (
+        f"concat(epoch_us(payment_time), {sep}, payment_id, {sep}, floor(amount * 100 + 0.5)::BIGINT, {sep}, "
+        f"user_id, {sep}, coalesce(card_fingerprint, ''), {sep}, coalesce(device_id, ''), {sep}, "
+        f"coalesce(ip, ''), {sep}, coalesce(ip_country, ''), {sep}, coalesce(creator_id, ''))"
+    )
+    con.execute(f"""
+        CREATE TEMP TABLE p AS SELECT payment_id, epoch_us(payment_time) AS ts, user_id, card_fingerprint AS card,
+          device_id AS device, ip, ip_country, creator_id, {enc} AS rec
+        FROM read_parquet('{pay}') WHERE kind = 'purchase'
+    """)
+    newest = con.execute("SELECT max(ts) FROM p").fetchone()
+    horizon = (newest[0] if newest and newest[0] is not None else 0) - RETENTION_US
+    counts = {"payments": 0, "log_records": 0, "first_seen": 0, "disputes": 0}
+
+    def batches(sql: str) -> Iterable[list[tuple[Any, ...]]]:
+        cur = con.execute(sql)
+        while rows := cur.fetchmany(chunk):
+            yield rows
+
+    for rows in batches("SELECT payment_id, ts, user_id, card, device, ip, creator_id, rec FROM p"):
+        online.state.write(StateBatch(payments=list(rows)))
+        counts["payments"] += len(rows)
+        if on_progress:
+            on_progress("payment index", counts["payments"])
+    logs = " UNION ALL ".join(
+        f"SELECT '{k}', {c}, ts, payment_id, rec FROM p WHERE {c} IS NOT NULL AND ts > {horizon}"
+        for k, c in (
+            ("user", "user_id"),
+            ("card", "card"),
+            ("device", "device"),
+            ("ip", "ip"),
+            ("creator", "creator_id"),
+        )
+    )
+    for rows in batches(logs):
+        online.state.write(StateBatch(logs=list(rows)))
+        counts["log_records"] += len(rows)
+        if on_progress:
+            on_progress("entity logs", counts["log_records"])
+    firsts = " UNION ALL ".join(
+        f"SELECT user_id, '{w}', {c}, min(ts) FROM p WHERE {c} IS NOT NULL GROUP BY user_id, {c}"
+        for w, c in (("card", "card"), ("device", "device"), ("country", "ip_country"))
+    )
+    for rows in batches(firsts):
+        online.state.write(StateBatch(first_seen=list(rows)))
+        counts["first_seen"] += len(rows)
+    if table_path(events_dir, "disputes").exists():
+        dsp = str(table_path(events_dir, "disputes")).replace("'", "''")
+        routed = " UNION ALL ".join(
+            f"SELECT '{k}', p.{c}, d.dispute_id, epoch_us(d.reported_time) FROM read_parquet('{dsp}') d "
+            f"JOIN p USING (payment_id) WHERE p.{c} IS NOT NULL"
+            for k, c in (("user", "user_id"), ("card", "card"), ("creator", "creator_id"))
+        )
+        for rows in batches(routed):
+            online.state.write(StateBatch(disputes=list(rows)))
+            counts["disputes"] += len(rows)
+    con.close()
+    return counts

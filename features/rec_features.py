@@ -1,0 +1,545 @@
+"""Recommendation features: declarations (`REC_FEATURES`) and their point-in-time computation.
+
+Why one module for both: the ranker, the benchmark, serving and the privacy registry must agree
+on what each input is and which personal data it uses. The offline part builds a `RecState`, a
+snapshot of the event tables strictly before a request time (sparse user × item matrices,
+item-item co-purchase / co-view neighbours, item popularity), and `pair_features` turns
+(user, item, context) triples into the model matrix. Serving one request and building a training
+set of a million rows go through the same `pair_features`, so they cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from features.definitions import FeatureDef
+
+Tier = Literal["personalized", "limited"]
+TIERS: tuple[Tier, ...] = ("personalized", "limited")
+
+PURCHASES = ("user.behavior.purchase_history", "user.unique_id.pseudonymous")
+BROWSING = ("user.behavior.browsing_history", "user.unique_id.pseudonymous")
+BEHAVIOUR = ("user.behavior.purchase_history", "user.behavior.browsing_history", "user.unique_id.pseudonymous")
+NONE: tuple[str, ...] = ()
+
+_F = FeatureDef
+REC_FEATURES: list[FeatureDef] = [
+    # Item only: aggregates over every buyer, nothing about the person asking.
+    _F("item_pop_1d", "item", "Distinct buyers of the item in the last day.", NONE, "derived"),
+    _F("item_pop_7d", "item", "Distinct buyers of the item in the last 7 days.", NONE, "derived"),
+    _F("item_pop_30d", "item", "Distinct buyers of the item in the last 30 days.", NONE, "derived"),
+    _F("item_pop_all", "item", "Distinct buyers of the item since it was listed.", NONE, "derived"),
+    _F("item_trend", "item", "7-day buyers over the 30-day weekly average (>1 = rising).", NONE, "derived"),
+    _F("item_views_7d", "item", "Views of the item in the last 7 days.", NONE, "derived"),
+    _F("item_age_days", "item", "Days since the item was listed.", NONE, "derived"),
+    _F("item_log_price", "item", "Log of the item's list price.", NONE, "derived"),
+    _F("item_repeat_share", "item", "Share of the item's buyers who bought it more than once.", NONE, "derived"),
+    _F("item_rebuy_gap_days", "item", "Median days between repeat purchases of the item.", NONE, "derived"),
+    _F("item_style_pop_7d", "item", "Share of last week's buyers who bought the item's style.", NONE, "derived"),
+    # The person's own history.
+    _F("user_n_purchases", "user", "Purchase events of the person.", PURCHASES, "observed"),
+    _F("user_n_items", "user", "Distinct items the person bought.", PURCHASES, "observed"),
+    _F("user_repeat_share", "user", "Share of the person's purchases that were repeats.", PURCHASES, "derived"),
+    _F("user_days_since_purchase", "user", "Days since the person's last purchase.", PURCHASES, "observed"),
+    _F("user_days_since_first", "user", "Days since the person's first purchase.", PURCHASES, "observed"),
+    _F("user_price_band", "user", "Median log price of what the person bought.", PURCHASES, "derived"),
+    _F("user_n_views_30d", "user", "Views by the person in the last 30 days.", BROWSING, "observed"),
+    _F("user_days_since_view", "user", "Days since the person's last view.", BROWSING, "observed"),
+    # The person × the candidate item.
+    _F("ui_n_purchases", "user_item", "Times the person bought this item.", PURCHASES, "observed"),
+    _F("ui_quantity", "user_item", "Units of this item the person bought.", PURCHASES, "observed"),
+    _F("ui_decay_purchases", "user_item", "Time-decayed purchases of this item.", PURCHASES, "derived"),
+    _F("ui_days_since_purchase", "user_item", "Days since the person last bought it.", PURCHASES, "observed"),
+    _F("ui_days_since_first", "user_item", "Days since the person first bought it.", PURCHASES, "observed"),
+    _F("ui_rebuy_due", "user_item", "Days since last bought over the item's rebuy gap.", PURCHASES, "derived"),
+    _F("ui_n_views", "user_item", "Times the person viewed this item.", BROWSING, "observed"),
+    _F("ui_liked_or_carted", "user_item", "The person liked it or put it in the cart.", BROWSING, "observed"),
+    _F("ui_copurchase", "user_item", "Decayed co-purchase similarity to the person's buys.", PURCHASES, "derived"),
+    _F("ui_copurchase_mean", "user_item", "Mean co-purchase similarity to the person's items.", PURCHASES, "derived"),
+    _F("ui_coview", "user_item", "Decayed co-view similarity to what the person viewed.", BEHAVIOUR, "derived"),
+    _F("ui_style_affinity", "user_item", "Decayed share of the person's activity in the style.", BEHAVIOUR, "derived"),
+    _F("ui_creator_affinity", "user_item", "Decayed share of activity on the creator.", BEHAVIOUR, "derived"),
+    _F("ui_price_gap", "user_item", "Item log price minus the person's price band.", PURCHASES, "derived"),
+    # The request's own context (the item on screen): no profile involved.
+    _F("ctx_copurchase", "request", "Co-purchase similarity to the item being viewed.", NONE, "derived"),
+    _F("ctx_coview", "request", "Co-view similarity to the item being viewed.", NONE, "derived"),
+    _F("ctx_same_style", "request", "Same style as the item being viewed.", NONE, "derived"),
+    _F("ctx_same_creator", "request", "Same creator as the item being viewed.", NONE, "derived"),
+    _F("ctx_price_gap", "request", "Log price gap to the item being viewed.", NONE, "derived"),
+]
+REC_FEATURES_BY_NAME: dict[str, FeatureDef] = {f.name: f for f in REC_FEATURES}
+
+
+def tier_features(tier: Tier) -> list[FeatureDef]:
+    """The inputs a tier may use: `limited` keeps only features without any personal category."""
+    if tier == "personalized":
+        return list(REC_FEATURES)
+    if tier == "limited":
+        return [f for f in REC_FEATURES if not f.categories]
+    raise ValueError(f"unknown tier {tier!r}; known: {TIERS}")
+
+
+def tier_feature_names(tier: Tier) -> list[str]:
+    return [f.name for f in tier_features(tier)]
+
+
+# --------------------------------------------------------------------------------------------
+# Event tables in, snapshot out.
+
+
+class RecDataError(ValueError):
+    """Event tables cannot feed the recommender (missing columns, empty history)."""
+
+
+@dataclass(frozen=True)
+class RecEvents:
+    """The event tables the recommender reads (a subset of the marketplace event model)."""
+
+    interactions: pd.DataFrame  # user_id, item_id, event_type, event_time, quantity
+    items: pd.DataFrame  # item_id, creator_id, style, price, created_time, status
+    creators: pd.DataFrame | None = None  # creator_id, user_id (a creator's own buyer account)
+
+    @classmethod
+    def from_dir(cls, directory: Path) -> RecEvents:
+        from features.storage import read_table, table_path
+
+        inter = read_table(directory, "interactions", ["user_id", "item_id", "event_type", "event_time", "quantity"])
+        items = read_table(directory, "items", ["item_id", "creator_id", "style", "price", "created_time", "status"])
+        creators = (
+            read_table(directory, "creators", ["creator_id", "user_id"])
+            if table_path(directory, "creators").exists()
+            else None
+        )
+        return cls(inter, items, creators).checked()
+
+    def checked(self) -> RecEvents:
+        need = {
+            "interactions": ({"user_id", "item_id", "event_type", "event_time", "quantity"}, self.interactions),
+            "items": ({"item_id", "creator_id", "style", "price", "created_time", "status"}, self.items),
+        }
+        for name, (cols, df) in need.items():
+            missing = cols - set(df.columns)
+            if missing:
+                raise RecDataError(f"{name}: missing columns {sorted(missing)}")
+        return self
+
+
+HALF_LIFE_DAYS = 45.0
+NEIGHBOURS = 100  # kept per item in the co-purchase / co-view graphs
+EVENT_WEIGHT = {"view": 1.0, "like": 2.0, "add_to_cart": 2.0, "purchase": 3.0}
+
+
+@dataclass
+class RecState:
+    """Everything the recommender knows as of `as_of` (events strictly before it)."""
+
+    as_of: pd.Timestamp
+    users: pd.Index
+    items: pd.Index
+    item_creator: np.ndarray  # int codes into `creators`
+    creators: pd.Index
+    item_style: np.ndarray  # int codes into `styles`
+    styles: pd.Index
+    item_active: np.ndarray  # bool: listed and active
+    item_created_days: np.ndarray  # days before as_of the item was listed
+    item_stats: dict[str, np.ndarray]  # item_* feature columns, one value per item
+    user_stats: dict[str, np.ndarray]  # user_* feature columns, one value per user
+    buys: sp.csr_matrix  # users × items purchase events
+    bought: sp.csr_matrix  # binary version of `buys`
+    qty: sp.csr_matrix
+    buys_decay: sp.csr_matrix
+    last_buy: sp.csr_matrix  # 1 + days since last purchase (0 = never)
+    first_buy: sp.csr_matrix
+    views: sp.csr_matrix
+    views_decay: sp.csr_matrix
+    liked: sp.csr_matrix
+    style_aff: sp.csr_matrix  # users × styles, decayed activity share
+    creator_aff: sp.csr_matrix  # users × creators
+    copurchase: sp.csr_matrix  # items × items cosine, top neighbours per row
+    coview: sp.csr_matrix
+    creator_owner: dict[str, np.ndarray]  # user_id -> creator codes the person owns
+
+    @property
+    def n_items(self) -> int:
+        return len(self.items)
+
+    def user_row(self, user_id: str | None) -> int:
+        """Row of a user, or -1 for an unknown person (cold start)."""
+        if user_id is None:
+            return -1
+        pos = self.users.get_indexer([user_id])[0]
+        return int(pos)
+
+    def item_col(self, item_id: str | None) -> int:
+        if item_id is None:
+            return -1
+        return int(self.items.get_indexer([item_id])[0])
+
+
+def _days_before(times: pd.Series, as_of: pd.Timestamp) -> np.ndarray:
+    return ((as_of - times).dt.total_seconds() / 86400.0).to_numpy(np.float64)
+
+
+def _as_utc(ts: pd.Timestamp | str) -> pd.Timestamp:
+    t = pd.Timestamp(ts)
+    return t.tz_localize("UTC") if t.tzinfo is None else t.tz_convert("UTC")
+
+
+def _utc_series(s: pd.Series) -> pd.Series:
+    s = pd.to_datetime(s)
+    return s.dt.tz_localize("UTC") if s.dt.tz is None else s.dt.tz_convert("UTC")
+
+
+def _matrix(rows: np.ndarray, cols: np.ndarray, vals: np.ndarray, shape: tuple[int, int], agg: str) -> sp.csr_matrix:
+    """Sparse matrix from triplets; duplicates summed (`sum`) or max-reduced (`max`)."""
+    if agg == "sum":
+        return sp.csr_matrix((vals.astype(np.float32), (rows, cols)), shape=shape)
+    frame = pd.DataFrame({"r": rows, "c": cols, "v": vals})
+    red = frame.groupby(["r", "c"], sort=False)["v"].max()
+    r = red.index.get_level_values(0).to_numpy()
+    c = red.index.get_level_values(1).to_numpy()
+    return sp.csr_matrix((red.to_numpy(np.float32), (r, c)), shape=shape)
+
+
+def _cosine_neighbours(x: sp.csr_matrix, top: int) -> sp.csr_matrix:
+    """Item-item cosine on a binary users × items matrix, keeping the `top` best per item."""
+    b = _binary(x)
+    co = (b.T @ b).tocsr().astype(np.float32)
+    co.setdiag(0)
+    co.eliminate_zeros()
+    norm = np.sqrt(np.asarray(b.sum(axis=0)).ravel()).astype(np.float32)
+    norm[norm == 0] = 1.0
+    co = sp.csr_matrix(sp.diags(1.0 / norm) @ co @ sp.diags(1.0 / norm))
+    return _keep_top_per_row(co, top)
+
+
+def _keep_top_per_row(m: sp.csr_matrix, top: int) -> sp.csr_matrix:
+    """Drop all but the `top` largest values of every row (vectorised by ranking within rows)."""
+    m = m.tocoo()
+    if m.nnz == 0:
+        return m.tocsr()
+    order = np.lexsort((-m.data, m.row))
+    rows, cols, vals = m.row[order], m.col[order], m.data[order]
+    starts = np.r_[0, np.flatnonzero(np.diff(rows)) + 1]
+    rank = np.arange(len(rows)) - np.repeat(starts, np.diff(np.r_[starts, len(rows)]))
+    keep = rank < top
+    return sp.csr_matrix((vals[keep], (rows[keep], cols[keep])), shape=m.shape)
+
+
+def _distinct_buyers(p: pd.DataFrame, days: float, n_items: int) -> np.ndarray:
+    recent = p[p["age"] < days]
+    counts = recent.drop_duplicates(["u", "i"])["i"].value_counts()
+    out = np.zeros(n_items, dtype=np.float64)
+    out[counts.index.to_numpy()] = counts.to_numpy()
+    return out
+
+
+def build_state(events: RecEvents, as_of: pd.Timestamp | str, half_life_days: float = HALF_LIFE_DAYS) -> RecState:
+    """Snapshot of everything known strictly before `as_of` (point-in-time correct)."""
+    t0 = _as_utc(as_of)
+    inter = events.interactions
+    inter = inter.assign(event_time=_utc_series(inter["event_time"]))
+    inter = inter[inter["event_time"] < t0]
+    items_df = events.items.assign(created_time=_utc_series(events.items["created_time"]))
+    seen_items = set(inter["item_id"].unique())
+    items_df = items_df[(items_df["created_time"] < t0) | items_df["item_id"].isin(seen_items)]
+    items_df = items_df.drop_duplicates("item_id").reset_index(drop=True)
+    inter = inter[inter["item_id"].isin(items_df["item_id"])]
+    if inter.empty:
+        raise RecDataError(f"no interactions before {t0:%Y-%m-%d}: nothing to recommend from")
+
+    items = pd.Index(items_df["item_id"].astype(str))
+    users = pd.Index(np.sort(inter["user_id"].astype(str).unique()))
+    n_u, n_i = len(users), len(items)
+    creator_codes, creators = pd.factorize(items_df["creator_id"].astype(str))
+    style_codes, styles = pd.factorize(items_df["style"].astype(str))
+
+    ev = pd.DataFrame(
+        {
+            "u": users.get_indexer(inter["user_id"].astype(str)),
+            "i": items.get_indexer(inter["item_id"].astype(str)),
+            "type": inter["event_type"].astype(str).to_numpy(),
+            "age": _days_before(inter["event_time"], t0),
+            "qty": inter["quantity"].fillna(1).to_numpy(np.float64),
+        }
+    )
+    ev["decay"] = np.exp(-np.log(2.0) * ev["age"] / half_life_days)
+    p = ev[ev["type"] == "purchase"]
+    v = ev[ev["type"] == "view"]
+    lc = ev[ev["type"].isin(["like", "add_to_cart"])]
+    shape = (n_u, n_i)
+    ur, ic = p["u"].to_numpy(), p["i"].to_numpy()
+    buys = _matrix(ur, ic, np.ones(len(p)), shape, "sum")
+    qty = _matrix(ur, ic, p["qty"].to_numpy(), shape, "sum")
+    buys_decay = _matrix(ur, ic, p["decay"].to_numpy(), shape, "sum")
+    last_buy = _matrix(ur, ic, 1.0 / (1.0 + p["age"].to_numpy()), shape, "max")
+    last_buy.data = (1.0 / last_buy.data).astype(np.float32)  # 1 + days since the latest purchase
+    first_buy = _matrix(ur, ic, p["age"].to_numpy() + 1.0, shape, "max")
+    views = _matrix(v["u"].to_numpy(), v["i"].to_numpy(), np.ones(len(v)), shape, "sum")
+    views_decay = _matrix(v["u"].to_numpy(), v["i"].to_numpy(), v["decay"].to_numpy(), shape, "sum")
+    liked = _matrix(lc["u"].to_numpy(), lc["i"].to_numpy(), np.ones(len(lc)), shape, "max")
+
+    w = ev["type"].map(EVENT_WEIGHT).fillna(1.0).to_numpy() * ev["decay"].to_numpy()
+    style_aff = _row_share(_matrix(ev["u"].to_numpy(), style_codes[ev["i"].to_numpy()], w, (n_u, len(styles)), "sum"))
+    creator_aff = _row_share(
+        _matrix(ev["u"].to_numpy(), creator_codes[ev["i"].to_numpy()], w, (n_u, len(creators)), "sum")
+    )
+    browse = views + liked
+    copurchase = _cosine_neighbours(buys, NEIGHBOURS)
+    coview = _cosine_neighbours(browse, NEIGHBOURS) if browse.nnz else sp.csr_matrix((n_i, n_i), dtype=np.float32)
+
+    created_days = _days_before(items_df["created_time"], t0)
+    first_sale = p.groupby("i")["age"].max()
+    listed = created_days.copy()
+    listed[first_sale.index.to_numpy()] = np.maximum(listed[first_sale.index.to_numpy()], first_sale.to_numpy())
+    item_stats = _item_stats(p, v, items_df, style_codes, listed, n_i)
+    user_stats = _user_stats(p, v, items_df, n_u)
+    owner: dict[str, np.ndarray] = {}
+    if events.creators is not None and "user_id" in events.creators:
+        own = events.creators.dropna(subset=["user_id"])
+        codes = creators.get_indexer(own["creator_id"].astype(str))
+        keep = codes >= 0
+        grouped = pd.Series(codes[keep]).groupby(own["user_id"].astype(str).to_numpy()[keep])
+        owner = {str(k): g.to_numpy() for k, g in grouped}
+    return RecState(
+        as_of=t0,
+        users=users,
+        items=items,
+        item_creator=creator_codes.astype(np.int64),
+        creators=pd.Index(creators.astype(str)),
+        item_style=style_codes.astype(np.int64),
+        styles=pd.Index(styles.astype(str)),
+        item_active=(items_df["status"].astype(str) == "active").to_numpy(),
+        item_created_days=listed,
+        item_stats=item_stats,
+        user_stats=user_stats,
+        buys=buys,
+        bought=_binary(buys),
+        qty=qty,
+        buys_decay=buys_decay,
+        last_buy=last_buy,
+        first_buy=first_buy,
+        views=views,
+        views_decay=views_decay,
+        liked=liked,
+        style_aff=style_aff,
+        creator_aff=creator_aff,
+        copurchase=copurchase,
+        coview=coview,
+        creator_owner=owner,
+    )
+
+
+def _row_share(m: sp.csr_matrix) -> sp.csr_matrix:
+    total = np.asarray(m.sum(axis=1)).ravel()
+    total[total == 0] = 1.0
+    return sp.csr_matrix(sp.diags(1.0 / total) @ m).astype(np.float32)
+
+
+def _item_stats(
+    p: pd.DataFrame, v: pd.DataFrame, items_df: pd.DataFrame, style: np.ndarray, listed: np.ndarray, n_i: int
+) -> dict[str, np.ndarray]:
+    pop_1d = _distinct_buyers(p, 1, n_i)
+    pop_7d = _distinct_buyers(p, 7, n_i)
+    pop_30d = _distinct_buyers(p, 30, n_i)
+    pop_all = _distinct_buyers(p, np.inf, n_i)
+    per_pair = p.groupby(["u", "i"]).size()
+    repeaters = (per_pair > 1).groupby(level="i").mean()
+    repeat_share = np.full(n_i, np.nan)
+    repeat_share[repeaters.index.to_numpy()] = repeaters.to_numpy()
+    # median gap between consecutive purchases of one item by one person
+    srt = p.sort_values(["u", "i", "age"], ascending=[True, True, False])
+    same = (srt["u"].to_numpy()[1:] == srt["u"].to_numpy()[:-1]) & (srt["i"].to_numpy()[1:] == srt["i"].to_numpy()[:-1])
+    gaps = srt["age"].to_numpy()[:-1] - srt["age"].to_numpy()[1:]
+    gap_frame = pd.DataFrame({"i": srt["i"].to_numpy()[1:][same], "gap": gaps[same]})
+    gap_frame = gap_frame[gap_frame["gap"] > 0.5]
+    med_gap = gap_frame.groupby("i")["gap"].median()
+    rebuy_gap = np.full(n_i, np.nan)
+    rebuy_gap[med_gap.index.to_numpy()] = med_gap.to_numpy()
+    views_7d = np.bincount(v.loc[v["age"] < 7, "i"].to_numpy(), minlength=n_i).astype(np.float64)
+    week = p[p["age"] < 7].drop_duplicates(["u", "i"])
+    style_week = np.bincount(style[week["i"].to_numpy()], minlength=int(style.max()) + 1).astype(np.float64)
+    style_share = style_week[style] / max(float(style_week.sum()), 1.0)
+    price = items_df["price"].to_numpy(np.float64)
+    return {
+        "item_pop_1d": pop_1d,
+        "item_pop_7d": pop_7d,
+        "item_pop_30d": pop_30d,
+        "item_pop_all": pop_all,
+        "item_trend": (pop_7d + 1.0) / (pop_30d * 7.0 / 30.0 + 1.0),
+        "item_views_7d": views_7d,
+        "item_age_days": listed,
+        "item_log_price": np.log1p(np.maximum(price, 0.0)),
+        "item_repeat_share": repeat_share,
+        "item_rebuy_gap_days": rebuy_gap,
+        "item_style_pop_7d": style_share,
+    }
+
+
+def _user_stats(p: pd.DataFrame, v: pd.DataFrame, items_df: pd.DataFrame, n_u: int) -> dict[str, np.ndarray]:
+    def per_user(series: pd.Series, fill: float = np.nan) -> np.ndarray:
+        out = np.full(n_u, fill)
+        out[series.index.to_numpy()] = series.to_numpy()
+        return out
+
+    n_purchases = per_user(p.groupby("u").size(), 0.0)
+    n_items = per_user(p.groupby("u")["i"].nunique(), 0.0)
+    log_price = np.log1p(np.maximum(items_df["price"].to_numpy(np.float64), 0.0))
+    return {
+        "user_n_purchases": n_purchases,
+        "user_n_items": n_items,
+        "user_repeat_share": np.where(n_purchases > 0, 1.0 - n_items / np.maximum(n_purchases, 1.0), np.nan),
+        "user_days_since_purchase": per_user(p.groupby("u")["age"].min()),
+        "user_days_since_first": per_user(p.groupby("u")["age"].max()),
+        "user_price_band": per_user(pd.Series(log_price[p["i"].to_numpy()]).groupby(p["u"].to_numpy()).median()),
+        "user_n_views_30d": per_user(v[v["age"] < 30].groupby("u").size(), 0.0),
+        "user_days_since_view": per_user(v.groupby("u")["age"].min()),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# (user, item, context) -> model matrix.
+
+
+def _pair_values(m: sp.csr_matrix, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """m[rows[k], cols[k]] for every k; rows of -1 (unknown person) give 0."""
+    out = np.zeros(len(rows), dtype=np.float64)
+    ok = (rows >= 0) & (cols >= 0)
+    if not ok.any():
+        return out
+    r, c = rows[ok], cols[ok]
+    if r[0] == r[-1] and (r == r[0]).all():  # one person: slice the row once (serving path)
+        out[ok] = m[int(r[0])].toarray().ravel()[c]
+    else:
+        out[ok] = np.asarray(m[r, c]).ravel()
+    return out
+
+
+def _user_graph_scores(
+    user_m: sp.csr_matrix, graph: sp.csr_matrix, rows: np.ndarray, cols: np.ndarray
+) -> np.ndarray:
+    """(user_m @ graph)[rows, cols], computed only for the persons that appear."""
+    out = np.zeros(len(rows), dtype=np.float64)
+    ok = rows >= 0
+    if not ok.any():
+        return out
+    uniq, pos = np.unique(rows[ok], return_inverse=True)
+    prod = (user_m[uniq] @ graph).tocsr()
+    if len(uniq) == 1:
+        out[ok] = prod.toarray().ravel()[cols[ok]]
+    else:
+        out[ok] = np.asarray(prod[pos, cols[ok]]).ravel()
+    return out
+
+
+def pair_features(
+    state: RecState,
+    rows: np.ndarray,
+    cols: np.ndarray,
+    context: np.ndarray | None = None,
+    names: Sequence[str] | None = None,
+) -> np.ndarray:
+    """Model matrix (n × len(names)) for users `rows`, candidate items `cols` and context items.
+
+    `rows` are positions in `state.users` (-1 = unknown person), `cols` positions in
+    `state.items`, `context` the item on screen per row (-1 = none). Missing values are NaN.
+    """
+    names = list(names or [f.name for f in REC_FEATURES])
+    rows = np.asarray(rows, dtype=np.int64)
+    cols = np.asarray(cols, dtype=np.int64)
+    n = len(rows)
+    ctx = np.full(n, -1, dtype=np.int64) if context is None else np.asarray(context, dtype=np.int64)
+    known = rows >= 0
+    out = np.full((n, len(names)), np.nan, dtype=np.float32)
+    cache: dict[str, np.ndarray] = {}
+
+    def ui(key: str) -> np.ndarray:
+        if key not in cache:
+            m = getattr(state, key)
+            cache[key] = _pair_values(m, rows, cols)
+        return cache[key]
+
+    def user(key: str) -> np.ndarray:
+        vals = np.full(n, np.nan)
+        vals[known] = state.user_stats[key][rows[known]]
+        return vals
+
+    def days(key: str) -> np.ndarray:
+        raw = ui(key)
+        return np.where(raw > 0, raw - 1.0, np.nan)
+
+    for j, name in enumerate(names):
+        if name.startswith("item_"):
+            col = state.item_stats[name][cols]
+        elif name.startswith("user_"):
+            col = user(name)
+        elif name == "ui_n_purchases":
+            col = np.where(known, ui("buys"), np.nan)
+        elif name == "ui_quantity":
+            col = np.where(known, ui("qty"), np.nan)
+        elif name == "ui_decay_purchases":
+            col = np.where(known, ui("buys_decay"), np.nan)
+        elif name == "ui_days_since_purchase":
+            col = days("last_buy")
+        elif name == "ui_days_since_first":
+            col = days("first_buy")
+        elif name == "ui_rebuy_due":
+            col = days("last_buy") / state.item_stats["item_rebuy_gap_days"][cols]
+        elif name == "ui_n_views":
+            col = np.where(known, ui("views"), np.nan)
+        elif name == "ui_liked_or_carted":
+            col = np.where(known, ui("liked"), np.nan)
+        elif name == "ui_copurchase":
+            col = np.where(known, _user_graph_scores(state.buys_decay, state.copurchase, rows, cols), np.nan)
+        elif name == "ui_copurchase_mean":
+            binary = _user_graph_scores(state.bought, state.copurchase, rows, cols)
+            col = np.where(known, binary / np.maximum(user("user_n_items"), 1.0), np.nan)
+        elif name == "ui_coview":
+            col = np.where(known, _user_graph_scores(state.views_decay, state.coview, rows, cols), np.nan)
+        elif name == "ui_style_affinity":
+            col = np.where(known, _pair_values(state.style_aff, rows, state.item_style[cols]), np.nan)
+        elif name == "ui_creator_affinity":
+            col = np.where(known, _pair_values(state.creator_aff, rows, state.item_creator[cols]), np.nan)
+        elif name == "ui_price_gap":
+            col = state.item_stats["item_log_price"][cols] - user("user_price_band")
+        elif name.startswith("ctx_"):
+            col = _context_feature(state, name, ctx, cols)
+        else:
+            raise KeyError(f"no computation for feature {name!r}")
+        out[:, j] = col
+    return out
+
+
+def _binary(m: sp.csr_matrix) -> sp.csr_matrix:
+    b = m.copy()
+    b.data[:] = 1.0
+    return b
+
+
+def _context_feature(state: RecState, name: str, ctx: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    has = ctx >= 0
+    out = np.full(len(cols), np.nan)
+    if not has.any():
+        return out
+    c, i = ctx[has], cols[has]
+    if name == "ctx_copurchase":
+        out[has] = _pair_values(state.copurchase, c, i)
+    elif name == "ctx_coview":
+        out[has] = _pair_values(state.coview, c, i)
+    elif name == "ctx_same_style":
+        out[has] = (state.item_style[c] == state.item_style[i]).astype(np.float64)
+    elif name == "ctx_same_creator":
+        out[has] = (state.item_creator[c] == state.item_creator[i]).astype(np.float64)
+    elif name == "ctx_price_gap":
+        price = state.item_stats["item_log_price"]
+        out[has] = price[i] - price[c]
+    else:
+        raise KeyError(f"no computation for feature {name!r}")
+    return out

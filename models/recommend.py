@@ -1,0 +1,391 @@
+"""Recommendations end to end: candidates -> features -> rank -> business rules -> reasons.
+
+Why one module: serving, training and the benchmark must see the same candidates, the same
+features and the same rules, otherwise offline figures say nothing about production.
+`score_requests` is that shared path for a block of requests; `rank_batch` adds the business
+rules (benchmark, batch jobs), `recommend` serves one request and attaches a reason to every
+item, and `training_set` labels the same candidates with what people bought next.
+
+Business rules: never a person's own pictures, never removed / unavailable / flagged items,
+never items already bought when the catalogue forbids repeats (AIpicMarket sells one-off
+digital goods), at most `max_per_creator` per creator in the top k, and 1 <= k <= MAX_K.
+Exclusion rules use purchases only to filter, never to profile, so they apply in both tiers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from features.rec_features import RecEvents, RecState, Tier, build_state, pair_features, tier_feature_names
+from models.candidates import SOURCES, CandidateConfig, Candidates, generate
+from models.ranker import LambdaRanker
+
+MAX_K = 100
+
+
+class RecommendError(ValueError):
+    """A request the recommender refuses (k out of bounds, unknown tier, model missing)."""
+
+
+@dataclass(frozen=True)
+class BusinessRules:
+    """What may never be shown, whatever the model thinks."""
+
+    allow_repeats: bool = False
+    max_per_creator: int | None = 3
+    blocked_items: frozenset[str] = frozenset()  # e.g. flagged by fraud review after the snapshot
+
+    def __post_init__(self) -> None:
+        if self.max_per_creator is not None and self.max_per_creator < 1:
+            raise RecommendError("max_per_creator must be at least 1 (or None for no cap)")
+
+
+@dataclass(frozen=True)
+class RecRequest:
+    user_id: str | None
+    k: int = 10
+    tier: Tier = "personalized"
+    context_item_id: str | None = None
+    exclude_item_ids: frozenset[str] = frozenset()  # e.g. bought in this session, after the snapshot
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    item_id: str
+    score: float
+    source: str
+    reason: str
+
+
+@dataclass
+class Recommender:
+    """A snapshot, one ranker per tier and the rules: everything one request needs, in memory."""
+
+    state: RecState
+    rankers: dict[str, LambdaRanker]
+    rules: BusinessRules = field(default_factory=BusinessRules)
+    candidates: CandidateConfig = field(default_factory=CandidateConfig)
+    item_labels: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Scored:
+    """Candidates of a block of requests with their feature matrix and (optionally) scores."""
+
+    candidates: Candidates
+    features: np.ndarray
+    scores: np.ndarray | None = None
+
+
+def check_k(k: int) -> int:
+    if not 1 <= k <= MAX_K:
+        raise RecommendError(f"k must be between 1 and {MAX_K}; got {k}")
+    return k
+
+
+def exclusion_matrix(
+    state: RecState,
+    user_ids: Sequence[str | None],
+    rules: BusinessRules,
+    extra: Sequence[frozenset[str]] | None = None,
+) -> sp.csr_matrix:
+    """Requests × items, 1 = never show: own pictures, already bought (no repeats), blocked."""
+    n = len(user_ids)
+    rows = state.users.get_indexer(pd.Index([u if u is not None else "\0" for u in user_ids]))
+    parts = [sp.csr_matrix((n, state.n_items), dtype=np.float32)]
+    known = np.flatnonzero(rows >= 0)
+    if not rules.allow_repeats and len(known):
+        select = sp.csr_matrix((np.ones(len(known)), (known, rows[known])), shape=(n, len(state.users)))
+        parts.append((select @ state.bought).tocsr())
+    owned_r, owned_c = [], []
+    for pos, uid in enumerate(user_ids):
+        codes = state.creator_owner.get(uid) if uid is not None else None
+        if codes is not None:
+            owned_r.append(np.full(len(codes), pos))
+            owned_c.append(codes)
+    if owned_r:
+        owns = sp.csr_matrix(
+            (np.ones(sum(len(c) for c in owned_c)), (np.concatenate(owned_r), np.concatenate(owned_c))),
+            shape=(n, len(state.creators)),
+        )
+        creator_items = sp.csr_matrix(
+            (np.ones(state.n_items), (state.item_creator, np.arange(state.n_items))),
+            shape=(len(state.creators), state.n_items),
+        )
+        parts.append((owns @ creator_items).tocsr())
+    blocked = set(rules.blocked_items)
+    cols_r, cols_c = [], []
+    if blocked:
+        cols = state.items.get_indexer(pd.Index(sorted(blocked)))
+        cols = cols[cols >= 0]
+        cols_r.append(np.repeat(np.arange(n), len(cols)))
+        cols_c.append(np.tile(cols, n))
+    for pos, items in enumerate(extra or []):
+        cols = state.items.get_indexer(pd.Index(sorted(items))) if items else np.empty(0, np.int64)
+        cols = cols[cols >= 0]
+        cols_r.append(np.full(len(cols), pos))
+        cols_c.append(cols)
+    if cols_r:
+        r, c = np.concatenate(cols_r), np.concatenate(cols_c)
+        parts.append(sp.csr_matrix((np.ones(len(r)), (r, c)), shape=(n, state.n_items)))
+    total = parts[0]
+    for part in parts[1:]:
+        total = total + part
+    return sp.csr_matrix(total > 0, dtype=np.float32)
+
+
+def score_requests(
+    state: RecState,
+    ranker: LambdaRanker | None,
+    user_rows: np.ndarray,
+    *,
+    tier: Tier,
+    context: np.ndarray | None = None,
+    exclude: sp.csr_matrix | None = None,
+    config: CandidateConfig | None = None,
+) -> Scored:
+    """The shared path: candidates, then the tier's features, then (if a ranker) scores."""
+    user_rows = np.asarray(user_rows, dtype=np.int64)
+    if tier == "limited":
+        user_rows = np.full(len(user_rows), -1, np.int64)  # no profile at all
+    cands = generate(state, user_rows, tier=tier, context=context, exclude=exclude, config=config)
+    ctx = None if context is None else np.asarray(context, dtype=np.int64)[cands.rows]
+    X = pair_features(state, user_rows[cands.rows], cands.items, ctx, tier_feature_names(tier))
+    scores = ranker.predict(X) if ranker is not None and len(X) else None
+    return Scored(cands, X, scores)
+
+
+def top_k(state: RecState, scored: Scored, k: int, max_per_creator: int | None) -> pd.DataFrame:
+    """Best k per request after the per-creator cap: request, item (column), rank, score, source."""
+    c = scored.candidates
+    if scored.scores is None:
+        raise RecommendError("top_k needs scored candidates (a ranker)")
+    frame = pd.DataFrame(
+        {
+            "request": c.rows,
+            "item": c.items,
+            "score": scored.scores,
+            "source": c.sources,
+            "creator": state.item_creator[c.items],
+        }
+    )
+    frame = frame[state.item_active[frame["item"].to_numpy()]]
+    frame = frame.sort_values(["request", "score"], ascending=[True, False], kind="stable")
+    if max_per_creator is not None:
+        frame = frame[frame.groupby(["request", "creator"]).cumcount() < max_per_creator]
+    frame["rank"] = frame.groupby("request").cumcount() + 1
+    return frame[frame["rank"] <= k].drop(columns="creator").reset_index(drop=True)
+
+
+def rank_batch(
+    state: RecState,
+    ranker: LambdaRanker,
+    user_ids: Sequence[str | None],
+    *,
+    tier: Tier = "personalized",
+    rules: BusinessRules | None = None,
+    k: int = 10,
+    context_ids: Sequence[str | None] | None = None,
+    config: CandidateConfig | None = None,
+) -> pd.DataFrame:
+    """Top-k lists for many requests: user_id, item_id, rank, score, source."""
+    rules = rules or BusinessRules()
+    check_k(k)
+    rows = state.users.get_indexer(pd.Index([u if u is not None else "\0" for u in user_ids]))
+    context = None
+    if context_ids is not None:
+        context = state.items.get_indexer(pd.Index([c if c is not None else "\0" for c in context_ids]))
+    exclude = exclusion_matrix(state, user_ids, rules)
+    scored = score_requests(state, ranker, rows, tier=tier, context=context, exclude=exclude, config=config)
+    if scored.scores is None:
+        return pd.DataFrame(columns=["user_id", "item_id", "rank", "score", "source"])
+    best = top_k(state, scored, k, rules.max_per_creator)
+    return pd.DataFrame(
+        {
+            "user_id": np.asarray(user_ids, dtype=object)[best["request"].to_numpy()],
+            "item_id": state.items.to_numpy()[best["item"].to_numpy()],
+            "rank": best["rank"].to_numpy(),
+            "score": best["score"].to_numpy(),
+            "source": np.asarray(SOURCES, dtype=object)[best["source"].to_numpy()],
+        }
+    )
+
+
+def recommend(rec: Recommender, request: RecRequest) -> list[Recommendation]:
+    """Serve one request: at most k items, each with the reason it is shown."""
+    check_k(request.k)
+    ranker = rec.rankers.get(request.tier)
+    if ranker is None:
+        raise RecommendError(f"no ranker for tier {request.tier!r}; have {sorted(rec.rankers)}")
+    state = rec.state
+    row = state.user_row(request.user_id) if request.tier == "personalized" else -1
+    ctx_col = state.item_col(request.context_item_id)
+    exclude = exclusion_matrix(state, [request.user_id], rec.rules, [request.exclude_item_ids])
+    if ctx_col >= 0:
+        exclude[0, ctx_col] = 1.0  # never recommend the item already on screen
+    scored = score_requests(
+        state,
+        ranker,
+        np.array([row]),
+        tier=request.tier,
+        context=np.array([ctx_col]),
+        exclude=exclude,
+        config=rec.candidates,
+    )
+    if scored.scores is None:
+        return []
+    best = top_k(state, scored, request.k, rec.rules.max_per_creator)
+    items = best["item"].to_numpy()
+    sources = best["source"].to_numpy()
+    reasons = explain(state, row, items, sources, ctx_col, rec.item_labels)
+    return [
+        Recommendation(str(state.items[i]), float(s), SOURCES[src], reason)
+        for i, s, src, reason in zip(items, best["score"].to_numpy(), sources, reasons, strict=True)
+    ]
+
+
+def explain(
+    state: RecState,
+    row: int,
+    items: np.ndarray,
+    sources: np.ndarray,
+    ctx_col: int,
+    labels: Mapping[str, str] | None = None,
+) -> list[str]:
+    """A sentence per item a person understands, from the source that proposed it."""
+    labels = labels or {}
+
+    def label(col: int) -> str:
+        item_id = str(state.items[col])
+        return f'"{labels.get(item_id, item_id)}"'
+
+    def style(col: int) -> str:
+        return str(state.styles[state.item_style[col]])
+
+    def anchor(history: sp.csr_matrix, graph: sp.csr_matrix, col: int) -> int | None:
+        """The item of the person's history most similar to `col`."""
+        if row < 0:
+            return None
+        mine = history[row].indices
+        if len(mine) == 0:
+            return None
+        sims = graph[mine][:, [col]].toarray().ravel()
+        return int(mine[int(np.argmax(sims))]) if sims.max() > 0 else None
+
+    out = []
+    for col, code in zip(items.tolist(), sources.tolist(), strict=True):
+        source = SOURCES[code]
+        fresh = state.item_created_days[col] < 14
+        if source == "rebuy":
+            reason = "you bought this before"
+        elif source == "co_purchase":
+            a = anchor(state.bought, state.copurchase, col)
+            reason = f"because you bought {label(a)}" if a is not None else "bought together with your purchases"
+        elif source == "co_view":
+            a = anchor(state.views, state.coview, col)
+            reason = f"because you viewed {label(a)}" if a is not None else "viewed together with what you viewed"
+        elif source == "context":
+            reason = f"people who liked {label(ctx_col)} also liked this" if ctx_col >= 0 else "similar pictures"
+        elif source == "style":
+            reason = f"because you like {style(col)} pictures"
+        elif source == "creator":
+            reason = "new from a creator you like" if fresh else "more from a creator you like"
+        elif source == "trending":
+            reason = f"popular in {style(col)} this week"
+        elif source == "new":
+            reason = f"new in {style(col)}"
+        else:
+            reason = f"a best-seller in {style(col)}"
+        out.append(reason)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Training data from the same path.
+
+
+@dataclass(frozen=True)
+class TrainingSet:
+    X: np.ndarray
+    y: np.ndarray
+    group: np.ndarray
+    feature_names: list[str]
+    users: np.ndarray  # user id of every group
+    candidate_recall: float  # share of next-window purchases the candidates contained
+
+
+def training_set(
+    events: RecEvents,
+    cutoff: pd.Timestamp | str,
+    label_end: pd.Timestamp | str,
+    *,
+    tier: Tier = "personalized",
+    rules: BusinessRules | None = None,
+    config: CandidateConfig | None = None,
+    users: Sequence[str] | None = None,
+    state: RecState | None = None,
+    with_context: bool = False,
+) -> TrainingSet:
+    """Features as of `cutoff`, label 1 for candidates the person bought in [cutoff, label_end).
+
+    Only persons known before the cutoff who bought in the label window form groups, and
+    groups without any positive are dropped (they carry no ranking signal). `with_context`
+    stands the person's last item before the cutoff in for the picture on screen (how the
+    limited tier learns to use the request's context).
+    """
+    rules = rules or BusinessRules()
+    state = state or build_state(events, cutoff)
+    inter = events.interactions
+    times = pd.to_datetime(inter["event_time"], utc=True)
+    window = inter[
+        (inter["event_type"].astype(str) == "purchase") & (times >= state.as_of) & (times < _utc(label_end))
+    ]
+    future = pd.DataFrame(
+        {"u": state.users.get_indexer(window["user_id"].astype(str)), "i": state.items.get_indexer(window["item_id"])}
+    )
+    future = future[(future["u"] >= 0) & (future["i"] >= 0)].drop_duplicates()
+    rows = np.unique(future["u"].to_numpy())
+    if users is not None:
+        rows = np.intersect1d(rows, state.users.get_indexer(pd.Index(list(users))))
+    user_ids = [str(u) for u in state.users[rows]]
+    exclude = exclusion_matrix(state, user_ids, rules)
+    future = future[future["u"].isin(rows)]
+    if not rules.allow_repeats:  # relevance = items not bought before
+        before = state.bought[future["u"].to_numpy(), future["i"].to_numpy()]
+        future = future[np.asarray(before).ravel() == 0]
+    context = _last_items(inter, times, state, rows) if with_context else None
+    scored = score_requests(state, None, rows, tier=tier, context=context, exclude=exclude, config=config)
+    c = scored.candidates
+    key = rows[c.rows] * np.int64(state.n_items) + c.items
+    pos_key = future["u"].to_numpy(np.int64) * np.int64(state.n_items) + future["i"].to_numpy(np.int64)
+    y = np.isin(key, pos_key).astype(np.int32)
+    recall = float(y.sum() / max(len(pos_key), 1))
+    has_pos = np.bincount(c.rows, weights=y, minlength=len(rows)) > 0
+    keep = has_pos[c.rows]
+    sizes = np.bincount(c.rows[keep], minlength=len(rows))
+    return TrainingSet(
+        X=scored.features[keep],
+        y=y[keep],
+        group=sizes[sizes > 0],
+        feature_names=tier_feature_names(tier),
+        users=np.asarray(user_ids, dtype=object)[has_pos],
+        candidate_recall=recall,
+    )
+
+
+def _last_items(inter: pd.DataFrame, times: pd.Series, state: RecState, rows: np.ndarray) -> np.ndarray:
+    """Column of each person's latest interaction before the snapshot (-1 if none)."""
+    before = inter.loc[times < state.as_of, ["user_id", "item_id"]].assign(t=times[times < state.as_of])
+    last = before.sort_values("t").groupby("user_id")["item_id"].last()
+    last_col = pd.Series(state.items.get_indexer(last.to_numpy()), index=last.index.astype(str))
+    return last_col.reindex(state.users[rows]).fillna(-1).to_numpy(np.int64)
+
+
+def _utc(ts: pd.Timestamp | str) -> pd.Timestamp:
+    t = pd.Timestamp(ts)
+    return t.tz_localize("UTC") if t.tzinfo is None else t.tz_convert("UTC")

@@ -1,0 +1,38 @@
+"""Adapter from the API to the feature pipeline's real-time functions (`features.online`).
+
+A thin shim on purpose: reading a payment's vector, the request-only vector and applying
+payments are the pipeline's job (one implementation, checked against the offline features by
+its parity test). The store is opened once per app (SQLite or Redis per settings).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from features.settings import Settings
+from serving.online import Vector
+
+
+class PipelineFeatureSource:
+    """`FeatureSource` backed by `features.online.OnlineFeatures`."""
+
+    def __init__(self, settings: Settings) -> None:
+        from features.online import OnlineFeatures
+
+        self._impl = OnlineFeatures(settings)
+
+    def payment_vector(self, payment: Mapping[str, Any], names: Sequence[str]) -> Vector:
+        return dict(self._impl.payment_vector(dict(payment), names))
+
+    def request_vector(self, payment: Mapping[str, Any]) -> Vector:
+        return dict(self._impl.request_vector(dict(payment)))
+
+    def update_payment(self, payment: Mapping[str, Any]) -> None:
+        self._impl.update_payment(dict(payment))
+
+    def update_interactions(self, events: Sequence[Mapping[str, Any]]) -> None:
+        self._impl.update_interactions(events)
+
+    def close(self) -> None:
+        self._impl.close()

@@ -1,0 +1,99 @@
+"""POST /v1/recommendations: ranked pictures with a reason each, personalised only with consent."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from fastapi import APIRouter, HTTPException, status
+
+from features.privacy.gate import decide
+from serving.decisions import json_floats, new_id
+from serving.deps import RecommendCaller, ServicesDep
+from serving.modelset import hash_of
+from serving.recsys import RecommenderUnavailable
+from serving.schemas import ModelRef, RecommendationIn, RecommendationOut, RecommendedItem
+
+router = APIRouter(prefix="/v1", tags=["recommendations"])
+
+PURPOSE = "personalised_recommendations"
+
+
+@router.post(
+    "/recommendations",
+    response_model=RecommendationOut,
+    summary="Recommend pictures to a buyer",
+    description=(
+        "Personalised from the buyer's history only with valid consent, an adult declared age, and no "
+        "restriction or objection; otherwise (and for unknown users) the limited tier, which uses no personal "
+        "data. Every call is logged as a decision. Scope: `recommend`."
+    ),
+)
+async def recommendations(
+    body: RecommendationIn, svc: ServicesDep, _caller: RecommendCaller
+) -> RecommendationOut:
+    from models.recommend import RecommendError, RecRequest
+
+    now = dt.datetime.now(dt.UTC)
+    gate = decide(body.user_id, PURPOSE, now, svc.ledger, svc.profiles.profile(body.user_id), svc.registry)
+    tier = gate.tier or "limited"
+    snapshot = gate.to_log()
+    if tier == "personalized" and not svc.recommender.known_user(body.user_id):
+        tier = "limited"  # consent, but no history yet: nothing to personalise from
+        snapshot["reasons"] = [*snapshot["reasons"], {"code": "no_history", "message": "No history yet."}]
+    request = RecRequest(
+        user_id=body.user_id,
+        k=body.k,
+        tier=tier,  # type: ignore[arg-type]
+        context_item_id=body.context.item_id,
+        exclude_item_ids=frozenset(body.context.exclude_item_ids),
+    )
+    try:
+        logged = svc.recommender.recommend_logged(request)
+    except RecommenderUnavailable as exc:
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, detail=str(exc)) from None
+    except RecommendError as exc:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=str(exc)) from None
+
+    decision_id = new_id()
+    bundle = logged.bundle
+    items = [
+        RecommendedItem(item_id=r.item_id, rank=i + 1, score=r.score, source=r.source, reason=r.reason)
+        for i, r in enumerate(logged.items)
+    ]
+    out = RecommendationOut(
+        decision_id=decision_id,
+        user_id=body.user_id,
+        personalized=tier == "personalized",
+        tier=tier,
+        items=items,
+        model=ModelRef(name=bundle.name, version=bundle.version),
+        degraded=False,
+    )
+    await svc.writer.write(
+        {
+            "id": decision_id,
+            "subject_id": body.user_id,
+            "kind": "recommendation",
+            "reference_id": None,
+            "purpose": PURPOSE,
+            "tier": tier,
+            "degraded": False,
+            "model_name": bundle.name,
+            "model_version": bundle.version,
+            "model_hash": hash_of(bundle),
+            "feature_names": logged.feature_names,
+            "vectors": [json_floats(row) for row in logged.vectors.tolist()],
+            "raw_scores": logged.raw_scores.tolist(),
+            "probability": None,
+            "thresholds": None,
+            "outcome": "recommended",
+            "source": "automated",
+            "human_review_required": False,
+            "consent_snapshot": snapshot,
+            "output": out.model_dump(mode="json", exclude={"decision_id"}),
+            "supersedes": None,
+            "created_at": now,
+        }
+    )
+    svc.metrics.decisions.labels(PURPOSE, "recommended", tier).inc()
+    return out

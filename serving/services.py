@@ -1,0 +1,200 @@
+"""Everything a request needs, built once when the app starts and kept in ``app.state.services``.
+
+Heavy objects (models, the recommender snapshot, database engine, the feature store client)
+live here so no request loads anything. `Services.start` runs in the lifespan (in a worker
+thread: MLflow and Feast are blocking) and flips `ready` only when models and stores are up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+from sqlalchemy import Engine, text
+
+from features.definitions import FeatureDef
+from features.privacy.ledger import ConsentLedger
+from features.privacy.registry import Registry, build_registry
+from features.settings import Settings
+from serving.auth import ApiKeyStore, TokenVerifier
+from serving.decisions import DecisionStore, DecisionWriter
+from serving.metrics import Metrics
+from serving.modelset import REC_TIERS, Loader, ModelManager, rec_name
+from serving.online import FeatureSource, OnlineGateway
+from serving.profiles import ProfileStore
+from serving.ratelimit import RateLimiter
+from serving.recsys import RecommenderHolder
+
+log = logging.getLogger("aipic.serving")
+
+
+def feature_definitions() -> dict[str, FeatureDef]:
+    """Every declared model input by name (payment and recommendation features)."""
+    from features.payment_features import PAYMENT_FEATURES
+    from features.rec_features import REC_FEATURES
+
+    return {f.name: f for f in [*PAYMENT_FEATURES, *REC_FEATURES]}
+
+
+def default_feature_source(settings: Settings) -> FeatureSource:
+    """The feature pipeline's online functions (`features.online`)."""
+    from serving.feature_source import PipelineFeatureSource
+
+    return PipelineFeatureSource(settings)
+
+
+@dataclass
+class Services:
+    settings: Settings
+    engine: Engine
+    models: ModelManager
+    registry: Registry
+    ledger: ConsentLedger
+    writer: DecisionWriter
+    decisions: DecisionStore
+    keys: ApiKeyStore
+    tokens: TokenVerifier
+    limiter: RateLimiter
+    metrics: Metrics
+    profiles: ProfileStore
+    recommender: RecommenderHolder
+    online: OnlineGateway | None = None
+    feature_defs: dict[str, FeatureDef] = field(default_factory=dict)
+    ready: bool = False
+    database_ok: bool = False
+    startup_error: str | None = None
+    _source_factory: Callable[[Settings], FeatureSource] | None = None
+    _poller: asyncio.Task[None] | None = None
+
+    @classmethod
+    def create(
+        cls,
+        settings: Settings,
+        engine: Engine,
+        model_names: tuple[str, ...],
+        feature_source: Callable[[Settings], FeatureSource] | None = None,
+        model_loader: Loader | None = None,
+    ) -> Services:
+        """Cheap construction (no I/O): `start` does the loading."""
+        return cls(
+            settings=settings,
+            engine=engine,
+            models=ModelManager(model_names, loader=model_loader),
+            registry=build_registry(settings),
+            ledger=ConsentLedger(engine),
+            writer=DecisionWriter(engine),
+            decisions=DecisionStore(engine),
+            keys=ApiKeyStore(engine),
+            tokens=TokenVerifier(settings),
+            limiter=RateLimiter(settings.api_rate_limit, settings.person_rate_limit),
+            metrics=Metrics(),
+            profiles=ProfileStore(),
+            recommender=RecommenderHolder(settings.events_dir),
+            _source_factory=feature_source or default_feature_source,
+        )
+
+    # lifecycle ----------------------------------------------------------------------------------
+    def load_blocking(self) -> None:
+        """Database schema, models, feature store, snapshot. Failures leave `ready` False."""
+        from serving.decisions import ensure_tables
+
+        ensure_tables(self.engine)
+        self.database_ok = True
+        self.feature_defs = feature_definitions()
+        if self.online is None and self._source_factory is not None:
+            self.online = OnlineGateway(
+                self._source_factory(self.settings), self.settings.online_retry_seconds
+            )
+        from training.registry import configure
+
+        configure(self.settings)
+        try:
+            self.models.reload()
+        except Exception as exc:
+            self.startup_error = f"model load failed: {exc}"
+        self.profiles.load(self.settings.events_dir)
+        self.refresh_recommender()
+        self._publish_models()
+        self.update_readiness()
+
+    def refresh_recommender(self) -> None:
+        current = self.models.current
+        bundles = {t: current.bundles[rec_name(t)] for t in REC_TIERS if current.has(rec_name(t))}
+        wanted = {rec_name(t) for t in REC_TIERS} & set(self.models.names)
+        if not wanted or not bundles:
+            return
+        try:
+            self.recommender.rebuild(bundles)
+        except Exception as exc:
+            self.startup_error = f"recommender snapshot failed: {exc}"
+
+    def update_readiness(self) -> bool:
+        rec_needed = any(n.startswith("recommender-") for n in self.models.names)
+        self.ready = (
+            self.database_ok
+            and self.models.complete
+            and self.online is not None
+            and (self.recommender.ready or not rec_needed)
+        )
+        return self.ready
+
+    def _publish_models(self) -> None:
+        self.metrics.set_models(self.models.current.versions())
+
+    def reload_models(self, force: bool = False) -> dict[str, str]:
+        """Pick up newly promoted champions (blocking; call from a thread)."""
+        try:
+            changed = self.models.reload(force=force)
+        except Exception:
+            self.metrics.model_reloads.labels("failed").inc()
+            raise
+        if any(n.startswith("recommender-") for n in changed):
+            self.refresh_recommender()
+        if changed:
+            self.metrics.model_reloads.labels("swapped").inc()
+            self._publish_models()
+        self.update_readiness()
+        return changed
+
+    async def start(self) -> None:
+        try:
+            await anyio.to_thread.run_sync(self.load_blocking)
+        except Exception as exc:  # the app still serves /healthz and /readyz explains why
+            self.startup_error = f"{type(exc).__name__}: {exc}"
+            log.error("startup incomplete: %s", self.startup_error)
+        if self.settings.model_poll_seconds > 0:
+            self._poller = asyncio.create_task(self._poll(), name="model-poller")
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.model_poll_seconds)
+            try:
+                await anyio.to_thread.run_sync(self.reload_models)
+            except Exception as exc:
+                log.error("model poll failed, keeping current models: %s", type(exc).__name__)
+
+    async def stop(self) -> None:
+        if self._poller is not None:
+            self._poller.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._poller
+        await self.writer.close()
+        close = getattr(self.online.source if self.online else None, "close", None)
+        if close is not None:
+            close()
+
+    def database_alive(self) -> bool:
+        try:
+            with self.engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+        except Exception:
+            return False
+        return True
+
+    def describe_models(self) -> dict[str, Any]:
+        return {n: v for n, (v, _) in self.models.current.versions().items()}

@@ -1,0 +1,124 @@
+"""Helpers of the feature-pipeline tests: hand-built event tables and an online replay."""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from features.events import Dispute, Item, Payment, User
+from features.storage import write_table
+
+T0 = dt.datetime(2026, 3, 2, 12, 0, tzinfo=dt.UTC)  # a Monday, noon
+
+
+def at(us: int) -> dt.datetime:
+    """T0 plus a number of microseconds (exact)."""
+    return T0 + dt.timedelta(microseconds=us)
+
+
+def payment(pid: str, us: int, amount: float = 10.0, user: str = "u1", **kw: Any) -> dict[str, Any]:
+    row: dict[str, Any] = {
+        "payment_id": pid,
+        "user_id": user,
+        "item_ids": [],
+        "payment_time": at(us),
+        "kind": "purchase",
+        "amount": amount,
+        "currency": "EUR",
+        "card_fingerprint": "fp1",
+        "card_bin_country": None,
+        "billing_country": None,
+        "device_id": None,
+        "ip": None,
+        "ip_country": None,
+        "creator_id": "c1",
+        "fraud_pattern": None,
+    }
+    row.update(kw)
+    return row
+
+
+def user(uid: str, signup_us: int = -90 * 86_400_000_000, **kw: Any) -> dict[str, Any]:
+    row: dict[str, Any] = {
+        "user_id": uid,
+        "signup_time": at(signup_us),
+        "date_of_birth": None,
+        "country": "DE",
+        "kyc_status": "verified",
+        "is_guest": False,
+    }
+    row.update(kw)
+    return row
+
+
+def write_events(
+    directory: Path,
+    payments: Sequence[dict[str, Any]],
+    *,
+    users: Sequence[dict[str, Any]] | None = None,
+    items: Sequence[dict[str, Any]] | None = None,
+    disputes: Sequence[dict[str, Any]] | None = None,
+) -> Path:
+    """Write validated event tables (users default to every payer, verified, DE)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    if users is None:
+        users = [user(u) for u in sorted({p["user_id"] for p in payments})]
+    write_table(pd.DataFrame(list(payments)), directory, "payments")
+    write_table(pd.DataFrame(list(users)), directory, "users")
+    if items:
+        write_table(pd.DataFrame(list(items)), directory, "items")
+    if disputes:
+        write_table(pd.DataFrame(list(disputes)), directory, "disputes")
+    return directory
+
+
+def event_stream(events_dir: Path) -> list[tuple[dt.datetime, int, str, Any]]:
+    """Users, items, disputes and payments of an event directory as models, in time order.
+
+    At equal times: users, items, disputes, then payments (ties by id) — the order the API
+    would plausibly see them; the features do not depend on it (strictly-earlier rule).
+    """
+    out: list[tuple[dt.datetime, int, str, Any]] = []
+
+    def records(table: str) -> list[dict[str, Any]]:
+        path = events_dir / f"{table}.parquet"
+        if not path.exists():
+            return []
+        return pd.read_parquet(path).to_dict("records")  # type: ignore[return-value]
+
+    for r in records("users"):
+        out.append((r["signup_time"], 0, r["user_id"], User.model_validate(r)))
+    for r in records("items"):
+        r["tags"] = list(r["tags"])
+        out.append((r["created_time"], 1, r["item_id"], Item.model_validate(r)))
+    for r in records("disputes"):
+        out.append((r["reported_time"], 2, r["dispute_id"], Dispute.model_validate(r)))
+    for r in records("payments"):
+        r["item_ids"] = list(r["item_ids"])
+        out.append((r["payment_time"], 3, r["payment_id"], Payment.model_validate(r)))
+    out.sort(key=lambda e: (e[0], e[1], e[2]))
+    return out
+
+
+def compare(online: pd.DataFrame, offline: pd.DataFrame, names: Iterable[str], tol: float = 1e-9) -> list[str]:
+    """Differences between two frames indexed by payment id (NaN equals NaN); empty if equal."""
+    names = list(names)
+    a = online.loc[offline.index, names].to_numpy(dtype=float)
+    b = offline[names].to_numpy(dtype=float)
+    both_nan = np.isnan(a) & np.isnan(b)
+    close = np.isclose(a, b, rtol=tol, atol=tol)
+    bad = ~(both_nan | close)
+    out = []
+    for i, j in zip(*np.nonzero(bad), strict=True):
+        out.append(f"{offline.index[i]} {names[j]}: online {a[i, j]!r} offline {b[i, j]!r}")
+    return out
+
+
+def nan_equal(x: float, y: float) -> bool:
+    return (math.isnan(x) and math.isnan(y)) or x == y
