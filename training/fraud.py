@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -196,6 +197,10 @@ def to_json(summary: dict[str, Any]) -> str:
     return json.dumps(summary, indent=2, default=str, sort_keys=True)
 
 
+def _evaluate_on(test: pd.DataFrame, bundle: ModelBundle) -> dict[str, float]:
+    return evaluate(bundle, test)
+
+
 def _held_out(events_dir: Path, settings: Settings) -> tuple[pd.DataFrame, Windows]:
     examples = labelled_examples(events_dir)
     slices, windows = split(examples, settings.label_delay_days)
@@ -242,5 +247,7 @@ def promote_fraud(
     for name in names:
         tier = name.removeprefix("fraud-")
         subset = test[tier_consent_mask(test, tier, events_dir)]
-        results[name] = promote(name, subset, evaluate, metric="average_precision").as_dict()
+        results[name] = promote(
+            name, lambda b, s=subset: evaluate(b, s), metric="average_precision"
+        ).as_dict()
     return results

@@ -6,7 +6,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import mlflow
-import pandas as pd
 from mlflow import MlflowClient
 
 from models.bundle import ModelBundle
@@ -23,12 +22,12 @@ def latest_version(name: str) -> str | None:
 
 def promote(
     name: str,
-    held_out: pd.DataFrame,
-    evaluate: Callable[[ModelBundle, pd.DataFrame], dict[str, float]],
+    evaluate: Callable[[ModelBundle], dict[str, float]],
     metric: str,
     challenger: str | None = None,
 ) -> PromotionResult:
-    """Score champion and challenger on ``held_out`` in this run; move the alias if the challenger wins.
+    """Score champion and challenger with ``evaluate`` (one held-out window) in this run; move the
+    alias if the challenger wins.
 
     A tie keeps the champion (a change must earn its place). With no champion yet, the
     challenger is promoted. Both scores are logged to a ``promote-<name>`` run.
@@ -38,10 +37,10 @@ def promote(
         raise registry.ModelNotFound(f"{name} has no registered version: train it first")
     champion = registry.champion_version(name)
     ch_bundle = registry.load_bundle(name, version=challenger)
-    ch_score = evaluate(ch_bundle, held_out)[metric]
+    ch_score = evaluate(ch_bundle)[metric]
     champ_score: float | None = None
     if champion is not None and champion != challenger:
-        champ_score = evaluate(registry.load_bundle(name, version=champion), held_out)[metric]
+        champ_score = evaluate(registry.load_bundle(name, version=champion))[metric]
     promoted = champion is None or (champ_score is not None and ch_score > champ_score)
     with mlflow.start_run(run_name=f"promote-{name}", nested=mlflow.active_run() is not None):
         mlflow.log_params({"model": name, "challenger": challenger, "champion_before": str(champion)})
