@@ -247,7 +247,5 @@ def promote_fraud(
     for name in names:
         tier = name.removeprefix("fraud-")
         subset = test[tier_consent_mask(test, tier, events_dir)]
-        results[name] = promote(
-            name, lambda b, s=subset: evaluate(b, s), metric="average_precision"
-        ).as_dict()
+        results[name] = promote(name, partial(_evaluate_on, subset), metric="average_precision").as_dict()
     return results
