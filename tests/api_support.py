@@ -14,7 +14,7 @@ import hashlib
 import os
 import shutil
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -362,6 +362,17 @@ def make_api(
 
 open_api = contextlib.contextmanager(make_api)
 """``with open_api(world, var_dir, **settings) as api:`` for tests that need their own settings."""
+
+
+@pytest.fixture
+def api_factory(world: World, tmp_path: Path) -> Callable[..., contextlib.AbstractContextManager[Api]]:
+    """``with api_factory(**settings_overrides) as api:`` for tests that need their own settings."""
+    count = iter(range(1000))
+
+    def factory(**overrides: Any) -> contextlib.AbstractContextManager[Api]:
+        return open_api(world, tmp_path / f"var{next(count)}", **overrides)
+
+    return factory
 
 
 @pytest.fixture

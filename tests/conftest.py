@@ -58,3 +58,13 @@ def mlflow_store(isolated_settings: Path, _mlflow_template: Path) -> Path:
     shutil.copyfile(_mlflow_template, target)
     registry.configure()
     return target
+
+
+@pytest.fixture(scope="session")
+def small_marketplace(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One small simulated marketplace shared by the training tests of a worker (read-only)."""
+    from features.simulate import SimulationConfig, simulate_to_dir
+
+    out = tmp_path_factory.mktemp("small-marketplace")
+    simulate_to_dir(SimulationConfig(users=1500, days=75, seed=3), out)
+    return out

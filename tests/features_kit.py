@@ -106,7 +106,9 @@ def event_stream(events_dir: Path) -> list[tuple[dt.datetime, int, str, Any]]:
     return out
 
 
-def compare(online: pd.DataFrame, offline: pd.DataFrame, names: Iterable[str], tol: float = 1e-9) -> list[str]:
+def compare(
+    online: pd.DataFrame, offline: pd.DataFrame, names: Iterable[str], tol: float = 1e-9
+) -> list[str]:
     """Differences between two frames indexed by payment id (NaN equals NaN); empty if equal."""
     names = list(names)
     a = online.loc[offline.index, names].to_numpy(dtype=float)

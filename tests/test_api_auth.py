@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from pathlib import Path
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import jwt
 import pytest
-from api_support import Api, World, open_api
 from sqlalchemy import text
 
 from serving.auth import ApiKeyStore, AuthError, ScopeError, parse_scopes
+
+if TYPE_CHECKING:
+    from api_support import Api
+
 
 pytest_plugins = ["api_support"]
 
@@ -90,8 +94,8 @@ def test_token_signature_audience_and_expiry_are_checked(api: Api) -> None:
         assert r.status_code == expected, name
 
 
-def test_rate_limit_per_key(world: World, tmp_path: Path) -> None:
-    with open_api(world, tmp_path / "var", api_rate_limit="3/minute") as api:
+def test_rate_limit_per_key(api_factory: Callable[..., Any]) -> None:
+    with api_factory(api_rate_limit="3/minute") as api:
         a, b = api.key("score"), api.key("score")
         body = _any_payment(api)
         codes = [api.client.post("/v1/payments/score", json=body, headers=a).status_code for _ in range(4)]

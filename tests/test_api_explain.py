@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import re
 import uuid
+from typing import TYPE_CHECKING
 
 import numpy as np
-from api_support import Api
 
 from features.events import ConsentPurpose
 
@@ -30,6 +30,10 @@ REQUIRED = {
     "reproducibility",
     "your_rights",
 }
+
+if TYPE_CHECKING:
+    from api_support import Api
+
 
 pytest_plugins = ["api_support"]
 

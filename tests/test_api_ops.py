@@ -5,9 +5,13 @@ from __future__ import annotations
 import dataclasses
 import shutil
 import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from api_support import Api, World, open_api
+if TYPE_CHECKING:
+    from api_support import Api, World
+
 
 pytest_plugins = ["api_support"]
 
@@ -34,9 +38,9 @@ def test_health_ready_and_metrics(api: Api) -> None:
     assert 'aipic_model_version{model="fraud-full"' in text
 
 
-def test_not_ready_until_every_model_is_loaded(world: World, tmp_path: Path) -> None:
+def test_not_ready_until_every_model_is_loaded(api_factory: Callable[..., Any]) -> None:
     names = ("recommender-personalized", "recommender-limited", "fraud-not-registered")
-    with open_api(world, tmp_path / "var", model_names=names) as api:
+    with api_factory(model_names=names) as api:
         r = api.client.get("/readyz")
         assert r.status_code == 503 and r.json()["ready"] is False
         assert r.json()["missing_models"] == ["fraud-not-registered"]
@@ -46,7 +50,9 @@ def test_not_ready_until_every_model_is_loaded(world: World, tmp_path: Path) -> 
         assert r.status_code == 503 and "not loaded" in r.json()["detail"]
 
 
-def test_reload_picks_up_a_new_champion_atomically(world: World, tmp_path: Path) -> None:
+def test_reload_picks_up_a_new_champion_atomically(
+    world: World, tmp_path: Path, api_factory: Callable[..., Any]
+) -> None:
     """Promote a new fraud version while requests run: none fails, then every answer uses it."""
     import mlflow
     import pandas as pd
@@ -55,7 +61,7 @@ def test_reload_picks_up_a_new_champion_atomically(world: World, tmp_path: Path)
 
     db = tmp_path / "mlflow.db"
     shutil.copy(world.root / "mlflow.db", db)  # private registry: the shared one stays as it is
-    with open_api(world, tmp_path / "var", mlflow_tracking_uri=f"sqlite:///{db}") as api:
+    with api_factory(mlflow_tracking_uri=f"sqlite:///{db}") as api:
         admin, scorer = api.key("admin"), api.key("score")
         served = api.services.models.current.get("fraud-no_device_location")
         before = served.version

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import pytest
-from api_support import Api, World, open_api
 
 from features.rec_features import REC_FEATURES_BY_NAME
+
+if TYPE_CHECKING:
+    from api_support import Api
+
 
 pytest_plugins = ["api_support"]
 
@@ -137,8 +141,8 @@ def test_consent_endpoints_act_only_on_the_token_subject(api: Api) -> None:
 
 
 @pytest.mark.consent
-def test_export_and_erasure(world: World, tmp_path: Path) -> None:
-    with open_api(world, tmp_path / "var", copy_events=True) as api:  # erasure rewrites the event files
+def test_export_and_erasure(api_factory: Callable[..., Any]) -> None:
+    with api_factory(copy_events=True) as api:  # erasure rewrites the event files
         _export_and_erase(api)
 
 

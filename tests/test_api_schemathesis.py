@@ -8,11 +8,10 @@ backend and the person paths are fuzzed. Bounded to keep the run well under a mi
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import schemathesis
-from api_support import Api, World, make_api
 from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
@@ -20,12 +19,18 @@ from schemathesis import GenerationMode
 EXAMPLES = {GenerationMode.POSITIVE: 8, GenerationMode.NEGATIVE: 8}
 ALLOWED_NON_2XX = {401, 403, 404, 409, 413, 422, 429, 503}
 
+if TYPE_CHECKING:
+    from api_support import Api, World
+
+
 pytest_plugins = ["api_support"]
 
 
 @pytest.fixture
 def fuzz_api(world: World, tmp_path: Path) -> Any:
     # events copied: DELETE /v1/me rewrites event files; a generous rate limit for the volume
+    from api_support import make_api
+
     yield from make_api(world, tmp_path / "var", copy_events=True, person_rate_limit="10000/second")
 
 

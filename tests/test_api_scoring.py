@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pytest
-from api_support import Api, World, open_api
 
 from features.events import ConsentPurpose
+
+if TYPE_CHECKING:
+    from api_support import Api
+
 
 pytest_plugins = ["api_support"]
 
@@ -65,10 +69,10 @@ def test_tier_follows_consent_and_restriction_goes_to_a_human(api: Api) -> None:
     assert any(r["decision_id"] == held["decision_id"] and r["origin"] == "policy" for r in queue)
 
 
-def test_degraded_when_the_online_store_is_down_and_recovers(world: World, tmp_path: Path) -> None:
-    with open_api(world, tmp_path / "var", online_retry_seconds=0.3) as api:
+def test_degraded_when_the_online_store_is_down_and_recovers(api_factory: Callable[..., Any]) -> None:
+    with api_factory(online_retry_seconds=0.3) as api:
         headers = api.key("score")
-        body = api.payment_body(str(world.frame["payment_id"].iloc[5]))
+        body = api.payment_body(str(api.world.frame["payment_id"].iloc[5]))
         api.source.down = True
         first = api.client.post("/v1/payments/score", json=body, headers=headers).json()
         second = api.client.post("/v1/payments/score", json=body, headers=headers).json()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import pandas as pd
@@ -11,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 from features_kit import payment, user, write_events
 
-from features.events import arrow_schema, Payment
+from features.events import Payment, arrow_schema
 from features.payment_features import (
     KEY_COLUMNS,
     PAYMENT_FEATURE_NAMES,
@@ -78,11 +77,16 @@ def test_velocity_counts_sums_means_maxima(tmp_path: Path) -> None:
 
 
 def test_history_relative_features_use_previous_payments_only(tmp_path: Path) -> None:
-    rows = [payment("p0", 0, 10.0), payment("p1", MIN, 20.0), payment("p2", 2 * MIN, 30.0), payment("p3", 5 * MIN, 60.0)]
+    rows = [
+        payment("p0", 0, 10.0),
+        payment("p1", MIN, 20.0),
+        payment("p2", 2 * MIN, 30.0),
+        payment("p3", 5 * MIN, 60.0),
+    ]
     f = frame_of(tmp_path, rows)
-    assert math.isnan(f.loc["p0", "user_amount_ratio_mean_30d"])  # no history
-    assert math.isnan(f.loc["p0", "user_secs_since_prev_payment_30d"])
-    assert math.isnan(f.loc["p1", "user_amount_zscore_30d"])  # one previous payment: no spread
+    assert pd.isna(f.loc["p0", "user_amount_ratio_mean_30d"])  # no history
+    assert pd.isna(f.loc["p0", "user_secs_since_prev_payment_30d"])
+    assert pd.isna(f.loc["p1", "user_amount_zscore_30d"])  # one previous payment: no spread
     assert f.loc["p3", "user_amount_ratio_mean_30d"] == 3.0
     std = pd.Series([10.0, 20.0, 30.0]).std(ddof=0)
     assert f.loc["p3", "user_amount_zscore_30d"] == pytest.approx((60 - 20) / std, rel=1e-12)
@@ -98,7 +102,14 @@ def test_disputes_count_from_their_reported_time_only(tmp_path: Path) -> None:
         payment("p3", report + 7 * DAY, card_fingerprint="f", creator_id="c"),  # report exactly 7 d ago
         payment("p4", report + 7 * DAY - 1, user="v", card_fingerprint="g", creator_id="c"),
     ]
-    disputes = [{"dispute_id": "d0", "payment_id": "p0", "reason": "fraud", "reported_time": rows[0]["payment_time"] + pd.Timedelta(microseconds=report)}]
+    disputes = [
+        {
+            "dispute_id": "d0",
+            "payment_id": "p0",
+            "reason": "fraud",
+            "reported_time": rows[0]["payment_time"] + pd.Timedelta(microseconds=report),
+        }
+    ]
     f = frame_of(tmp_path, rows, disputes=disputes)
     assert f.loc["p0", "user_disputes_reported"] == 0.0
     assert f.loc["p1", "user_disputes_reported"] == 0.0
@@ -110,7 +121,7 @@ def test_disputes_count_from_their_reported_time_only(tmp_path: Path) -> None:
     assert f.loc["p3", "creator_disputes_reported_30d"] == 1.0
     assert f.loc["p2", "creator_prior_payments"] == 2.0
     assert f.loc["p2", "creator_dispute_rate"] == 0.5
-    assert math.isnan(f.loc["p0", "creator_dispute_rate"])
+    assert pd.isna(f.loc["p0", "creator_dispute_rate"])
 
 
 def test_distinct_counts_and_first_use(tmp_path: Path) -> None:
@@ -118,7 +129,9 @@ def test_distinct_counts_and_first_use(tmp_path: Path) -> None:
         payment("p0", 0, card_fingerprint="f1", device_id="d1", ip="1.1.1.1", ip_country="DE"),
         payment("p1", MIN, card_fingerprint="f2", device_id="d1", ip="1.1.1.2", ip_country="FR"),
         payment("p2", 2 * MIN, card_fingerprint="f1", device_id="d2", ip="1.1.1.2", ip_country="DE"),
-        payment("p3", 3 * MIN, user="w", card_fingerprint="f1", device_id="d2", ip="1.1.1.2", ip_country="DE"),
+        payment(
+            "p3", 3 * MIN, user="w", card_fingerprint="f1", device_id="d2", ip="1.1.1.2", ip_country="DE"
+        ),
         payment("p4", 31 * DAY, card_fingerprint="f3", device_id="d1", ip="9.9.9.9", ip_country="DE"),
     ]
     f = frame_of(tmp_path, rows)
@@ -137,23 +150,48 @@ def test_distinct_counts_and_first_use(tmp_path: Path) -> None:
 
 def test_missing_instruments_give_nulls_not_zeros(tmp_path: Path) -> None:
     """Imported data (fraud handbook) has no devices, IPs or countries: their features are null."""
-    rows = [payment("p0", 0, card_fingerprint=None, creator_id=None), payment("p1", MIN, card_fingerprint=None)]
+    rows = [
+        payment("p0", 0, card_fingerprint=None, creator_id=None),
+        payment("p1", MIN, card_fingerprint=None),
+    ]
     f = frame_of(tmp_path, rows, users=[user("u1", country=None)])
-    for c in ("device_count_10m", "ip_amount_sum_1h", "card_count_24h", "card_disputes_reported", "user_new_device"):
-        assert math.isnan(f.loc["p1", c]), c
-    assert math.isnan(f.loc["p0", "creator_payments_30d"])
+    for c in (
+        "device_count_10m",
+        "ip_amount_sum_1h",
+        "card_count_24h",
+        "card_disputes_reported",
+        "user_new_device",
+    ):
+        assert pd.isna(f.loc["p1", c]), c
+    assert pd.isna(f.loc["p0", "creator_payments_30d"])
     assert f.loc["p1", "user_distinct_devices_30d"] == 0.0
-    assert math.isnan(f.loc["p1", "ip_bin_mismatch"])
+    assert pd.isna(f.loc["p1", "ip_bin_mismatch"])
     assert f.loc["p1", "user_count_10m"] == 2.0
 
 
 def test_request_and_profile_features(tmp_path: Path) -> None:
     rows = [
-        payment("p0", 0, 12.345, card_bin_country="DE", billing_country="FR", ip_country="DE", item_ids=["i1", "i2"]),
+        payment(
+            "p0",
+            0,
+            12.345,
+            card_bin_country="DE",
+            billing_country="FR",
+            ip_country="DE",
+            item_ids=["i1", "i2"],
+        ),
     ]
     items = [
-        {"item_id": i, "creator_id": "c1", "style": "x", "tags": [], "price": p, "currency": "EUR",
-         "created_time": rows[0]["payment_time"] - pd.Timedelta(days=d), "status": "active"}
+        {
+            "item_id": i,
+            "creator_id": "c1",
+            "style": "x",
+            "tags": [],
+            "price": p,
+            "currency": "EUR",
+            "created_time": rows[0]["payment_time"] - pd.Timedelta(days=d),
+            "status": "active",
+        }
         for i, p, d in (("i1", 5.0, 3), ("i2", 7.5, 1))
     ]
     f = frame_of(tmp_path, rows, items=items, users=[user("u1", signup_us=-2 * DAY, kyc_status="pending")])
@@ -162,7 +200,11 @@ def test_request_and_profile_features(tmp_path: Path) -> None:
     assert f.loc["p0", "is_night"] == 0.0 and f.loc["p0", "is_weekend"] == 0.0
     assert f.loc["p0", "user_account_age_days"] == 2.0
     assert (f.loc["p0", "user_kyc_pending"], f.loc["p0", "user_kyc_verified"]) == (1.0, 0.0)
-    assert (f.loc["p0", "items_count"], f.loc["p0", "items_price_sum"], f.loc["p0", "items_price_max"]) == (2.0, 12.5, 7.5)
+    assert (f.loc["p0", "items_count"], f.loc["p0", "items_price_sum"], f.loc["p0", "items_price_max"]) == (
+        2.0,
+        12.5,
+        7.5,
+    )
     assert f.loc["p0", "items_min_age_days"] == 1.0
 
 

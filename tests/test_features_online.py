@@ -70,7 +70,14 @@ def test_any_arrival_order_and_duplicates_give_the_offline_vectors(
     ]
     disputes = []
     if dispute_at is not None:
-        disputes = [{"dispute_id": "d0", "payment_id": "p0", "reason": "fraud", "reported_time": at(specs[0][0] + dispute_at)}]
+        disputes = [
+            {
+                "dispute_id": "d0",
+                "payment_id": "p0",
+                "reason": "fraud",
+                "reported_time": at(specs[0][0] + dispute_at),
+            }
+        ]
     with tempfile.TemporaryDirectory() as tmp:
         ev = write_events(Path(tmp) / "ev", rows, disputes=disputes)
         offline = payment_feature_frame(ev).set_index("payment_id")
@@ -90,7 +97,9 @@ def test_any_arrival_order_and_duplicates_give_the_offline_vectors(
 
 def test_a_user_with_no_history_or_profile(online: OnlineFeatures, tmp_path: Path) -> None:
     rows = [payment("p0", 0, 42.0, user="ghost", creator_id=None, card_fingerprint=None)]
-    offline = payment_feature_frame(write_events(tmp_path / "ev", rows, users=[user("someone")])).set_index("payment_id")
+    offline = payment_feature_frame(write_events(tmp_path / "ev", rows, users=[user("someone")])).set_index(
+        "payment_id"
+    )
     vec = online_payment_vector(online, Payment.model_validate(rows[0]))
     assert compare(pd.DataFrame({"p0": vec}).T, offline, PAYMENT_FEATURE_NAMES) == []
     assert vec["user_count_30d"] == 1.0 and math.isnan(vec["user_account_age_days"])
@@ -114,7 +123,12 @@ def test_the_api_mapping_interface(online: OnlineFeatures) -> None:
     assert list(vec) == ["amount", "device_count_1h", "user_count_1h"]
     assert vec == {"amount": 3.0, "device_count_1h": 1.0, "user_count_1h": 1.0}
     assert set(online.request_vector(body)) == {
-        "amount", "is_night", "is_weekend", "bin_billing_mismatch", "ip_bin_mismatch", "ip_billing_mismatch"
+        "amount",
+        "is_night",
+        "is_weekend",
+        "bin_billing_mismatch",
+        "ip_bin_mismatch",
+        "ip_billing_mismatch",
     }
     assert not online.update_payment({**body, "payment_id": "m2", "kind": "cancellation"})
     with pytest.raises(OnlineFeatureError):
@@ -125,13 +139,18 @@ def test_the_api_mapping_interface(online: OnlineFeatures) -> None:
 
 def test_delete_entities_erases_a_person_from_the_online_store(online: OnlineFeatures) -> None:
     update_online(online, User.model_validate(user("gone")))
-    mine = [Payment.model_validate(payment(f"g{i}", i, 5.0, user="gone", card_fingerprint="fg", device_id="dg")) for i in range(3)]
+    mine = [
+        Payment.model_validate(payment(f"g{i}", i, 5.0, user="gone", card_fingerprint="fg", device_id="dg"))
+        for i in range(3)
+    ]
     other = Payment.model_validate(payment("o1", 10, 5.0, user="stay", card_fingerprint="fg", device_id="dg"))
     for p in [*mine, other]:
         update_online(online, p)
     before = online_payment_vector(online, other)
-    assert before["card_count_10m"] == 4.0 and before["user_account_age_days"] != before["user_account_age_days"]
-    assert online_payment_vector(online, mine[-1])["user_account_age_days"] == 90.0
+    assert (
+        before["card_count_10m"] == 4.0 and before["user_account_age_days"] != before["user_account_age_days"]
+    )
+    assert online_payment_vector(online, mine[-1])["user_account_age_days"] == pytest.approx(90.0)
 
     removed = delete_entities(online, "user", ["gone"])
     assert removed > 0

@@ -11,7 +11,6 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from features.simulate import SimulationConfig, simulate_to_dir
 from training import registry
 from training.fraud import choose_thresholds, promote_fraud, train_fraud
 from training.fraud_data import (
@@ -24,11 +23,9 @@ from training.fraud_data import (
 )
 
 
-@pytest.fixture(scope="module")
-def events(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("fraud-events")
-    simulate_to_dir(SimulationConfig(users=1500, days=75, seed=3), out)
-    return out
+@pytest.fixture
+def events(small_marketplace: Path) -> Path:
+    return small_marketplace
 
 
 def test_tiers_come_from_the_registry_and_shrink() -> None:
