@@ -33,7 +33,7 @@ def to_arrow(df: pd.DataFrame, table: str) -> pa.Table:
     except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError) as exc:
         raise SchemaError(f"{table}: cannot convert to schema: {exc}") from exc
     validate(at, model)
-    return at
+    return at.replace_schema_metadata(None)
 
 
 def validate(at: pa.Table, model: type[EventTable]) -> None:
@@ -85,7 +85,8 @@ def read_table(directory: Path, table: str, columns: list[str] | None = None) ->
         raise FileNotFoundError(
             f"{path} not found: run `aipic data simulate --out {directory}` or `aipic data import ...` first"
         )
-    return pq.read_table(path, columns=columns).to_pandas()
+    # pandas metadata is ignored: the arrow schema is the contract, whoever wrote the file
+    return pq.read_table(path, columns=columns).to_pandas(ignore_metadata=True)
 
 
 def table_path(directory: Path, table: str) -> Path:
