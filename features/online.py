@@ -31,7 +31,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 from features.events import Creator, Dispute, Item, Payment, PaymentKind, User
 from features.payment_features import (
@@ -126,7 +126,7 @@ class PaymentRecord(NamedTuple):
 
     def key(self, entity: str) -> str | None:
         """The record's key for an entity of `LOG_ENTITIES`."""
-        return self[_KEY_INDEX[entity]]  # type: ignore[no-any-return]
+        return cast("str | None", self[_KEY_INDEX[entity]])
 
     def encode(self) -> str:
         parts = (self.ts, self.payment_id, self.cents, self.user_id, self.card, self.device, self.ip)
@@ -150,6 +150,42 @@ class PaymentRecord(NamedTuple):
         )
 
 
+@dataclass(frozen=True)
+class ProfileQuery:
+    """Rows of one Feast profile view to read together with the state (same round trip).
+
+    Built by `OnlineFeatures` from Feast's own key functions: ``redis_keys`` are the entity
+    hashes and ``redis_fields`` the mmh3 field names; ``sqlite_table`` and ``sqlite_keys``
+    the table and serialized entity keys of Feast's SQLite store.
+    """
+
+    view: str
+    fields: tuple[str, ...]
+    redis_keys: tuple[bytes, ...] = ()
+    redis_fields: tuple[bytes, ...] = ()
+    sqlite_table: str = ""
+    sqlite_keys: tuple[bytes, ...] = ()
+
+
+def parse_value(raw: bytes | None) -> Any:
+    """A Feast ``Value`` protobuf (as stored online) -> Python scalar (None if unset)."""
+    if not raw:
+        return None
+    from feast.protos.feast.types.Value_pb2 import Value
+
+    v = Value.FromString(raw)
+    kind = v.WhichOneof("val")
+    return None if kind is None or kind == "null_val" else getattr(v, kind)
+
+
+def _profile_dicts(fields: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[dict[str, Any] | None]:
+    out: list[dict[str, Any] | None] = []
+    for values in rows:
+        parsed = dict(zip(fields, values, strict=True))
+        out.append(parsed if any(v is not None for v in parsed.values()) else None)
+    return out
+
+
 @dataclass
 class Snapshot:
     """Everything the vector of one payment depends on, read in one go from the state."""
@@ -165,6 +201,7 @@ class Snapshot:
     first_seen: dict[str, int | None] = field(default_factory=dict)  # "card" | "device" | "country"
     user_profile: dict[str, Any] | None = None
     items: list[tuple[int, int]] = field(default_factory=list)  # (price_cents, created_ts)
+    profiles: list[list[dict[str, Any] | None]] = field(default_factory=list)  # per ProfileQuery
 
 
 # --- the vector (pure) ------------------------------------------------------------------------
@@ -325,8 +362,8 @@ class EventState(ABC):
         """payment id -> (user, card, creator) for the known ones (routes a dispute)."""
 
     @abstractmethod
-    def snapshot(self, rec: PaymentRecord) -> Snapshot:
-        """The state strictly before ``rec.ts`` that its vector needs (profiles excluded)."""
+    def snapshot(self, rec: PaymentRecord, profiles: Sequence[ProfileQuery] = ()) -> Snapshot:
+        """The state strictly before ``rec.ts`` that its vector needs, plus the profile rows."""
 
     @abstractmethod
     def delete(self, entity: str, keys: Sequence[str]) -> int:
@@ -347,7 +384,7 @@ CREATE INDEX IF NOT EXISTS log_ts ON log (project, kind, key, ts);
 CREATE INDEX IF NOT EXISTS log_pid ON log (project, payment_id);
 CREATE TABLE IF NOT EXISTS payment (project TEXT, payment_id TEXT, ts INTEGER, user_id TEXT, card TEXT,
   device TEXT, ip TEXT, creator_id TEXT, record TEXT, PRIMARY KEY (project, payment_id)) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS payment_creator ON payment (project, creator_id, ts);
+CREATE INDEX IF NOT EXISTS payment_creator ON payment (project, creator_id, ts, user_id);
 CREATE INDEX IF NOT EXISTS payment_user ON payment (project, user_id);
 CREATE TABLE IF NOT EXISTS first_seen (project TEXT, user_id TEXT, what TEXT, value TEXT, ts INTEGER,
   PRIMARY KEY (project, user_id, what, value)) WITHOUT ROWID;
@@ -360,7 +397,7 @@ CREATE INDEX IF NOT EXISTS dispute_ts ON dispute (project, kind, key, ts);
 class SqliteEventState(EventState):
     """The state in one SQLite file (local configuration). Thread-safe through one lock."""
 
-    def __init__(self, path: Path, project: str) -> None:
+    def __init__(self, path: Path, project: str, feast_db: Path | None = None) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self.project = project
@@ -369,6 +406,9 @@ class SqliteEventState(EventState):
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA synchronous=NORMAL")
         self._conn.executescript(_SQLITE_SCHEMA)
+        self._feast = feast_db is not None
+        if feast_db is not None:  # Feast's online store, read in the same connection (profiles)
+            self._conn.execute("ATTACH DATABASE ? AS feast", (str(feast_db),))
 
     def write(self, batch: StateBatch) -> None:
         p = self.project
@@ -381,7 +421,8 @@ class SqliteEventState(EventState):
                     [(p, *row) for row in batch.payments],
                 )
                 c.executemany(
-                    "INSERT OR IGNORE INTO log (project, kind, key, ts, payment_id, record) VALUES (?,?,?,?,?,?)", [(p, *row) for row in batch.logs]
+                    "INSERT OR IGNORE INTO log (project, kind, key, ts, payment_id, record) VALUES (?,?,?,?,?,?)",
+                    [(p, *row) for row in batch.logs],
                 )
                 c.executemany(
                     "INSERT INTO first_seen VALUES (?,?,?,?,?) ON CONFLICT DO UPDATE SET ts = min(ts, excluded.ts)",
@@ -413,12 +454,14 @@ class SqliteEventState(EventState):
                 out.update({r[0]: (r[1], r[2], r[3]) for r in rows})
         return out
 
-    def snapshot(self, rec: PaymentRecord) -> Snapshot:
+    def snapshot(self, rec: PaymentRecord, profiles: Sequence[ProfileQuery] = ()) -> Snapshot:
         p, t = self.project, rec.ts
         snap = Snapshot()
         lo = t - WINDOWS[HISTORY_WINDOW]
         with self._lock:
             c = self._conn
+            for q in profiles:
+                snap.profiles.append(self._profile_rows(q))
             for kind in VELOCITY_ENTITIES:
                 key = rec.key(kind)
                 if key is None:
@@ -467,6 +510,25 @@ class SqliteEventState(EventState):
             "country": seen.get(("country", rec.ip_country)) if rec.ip_country else None,
         }
         return snap
+
+    def _profile_rows(self, q: ProfileQuery) -> list[dict[str, Any] | None]:
+        if not self._feast:
+            raise OnlineFeatureError("this event state was opened without Feast's online database")
+        try:
+            rows = self._conn.execute(
+                f'SELECT entity_key, feature_name, value FROM feast."{q.sqlite_table}" '
+                f"WHERE entity_key IN ({','.join('?' * len(q.sqlite_keys))})",
+                q.sqlite_keys,
+            ).fetchall()
+        except sqlite3.OperationalError as exc:  # the view was never applied
+            if "no such table" in str(exc):
+                return [None] * len(q.sqlite_keys)
+            raise
+        by_key: dict[bytes, dict[str, Any]] = {}
+        for key, name, value in rows:
+            by_key.setdefault(key, {})[name] = parse_value(value)
+        values = [[by_key.get(k, {}).get(f) for f in q.fields] for k in q.sqlite_keys]
+        return _profile_dicts(q.fields, values)
 
     def delete(self, entity: str, keys: Sequence[str]) -> int:
         p = self.project
@@ -525,6 +587,34 @@ class SqliteEventState(EventState):
             self._conn.close()
 
 
+#: Count, distinct buyers and this buyer's share of a creator's log in a time range, in Redis.
+#: Members are ``<payment_id>\\x1f<buyer>``; a payment id seen twice counts once.
+_CREATOR_LUA = """
+local m = redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[1], ARGV[2])
+local seen, buyers = {}, {}
+local n, nb, same = 0, 0, 0
+for _, r in ipairs(m) do
+  local i = string.find(r, '\\31', 1, true)
+  local pid, user = string.sub(r, 1, i - 1), string.sub(r, i + 1)
+  if not seen[pid] then
+    seen[pid] = true
+    n = n + 1
+    if not buyers[user] then buyers[user] = true; nb = nb + 1 end
+    if user == ARGV[3] then same = same + 1 end
+  end
+end
+return {n, nb, same}
+"""
+
+
+def _log_member(kind: str, payment_id: str, encoded: str) -> str:
+    """Creators' logs keep only (payment, buyer): that is all their features read."""
+    if kind == "creator":
+        user = encoded.split(_SEP, 4)[3]
+        return f"{payment_id}{_SEP}{user}"
+    return encoded
+
+
 class RedisEventState(EventState):
     """The state in Redis (production): sorted sets scored by microseconds, one round trip per call.
 
@@ -539,6 +629,7 @@ class RedisEventState(EventState):
         self.client = client
         self.project = project
         self.prefix = f"aipic:{project}:"
+        self._sha: str | None = None
 
     def _k(self, *parts: str) -> str:
         return self.prefix + ":".join(parts)
@@ -555,8 +646,8 @@ class RedisEventState(EventState):
                     pipe.zadd(self._k("xpay", kind, key), {pid: ts})
             if creator is not None:
                 pipe.zadd(self._k("cpay", creator), {pid: ts})
-        for kind, key, ts, _pid, enc in batch.logs:
-            pipe.zadd(self._k("log", kind, key), {enc: ts})
+        for kind, key, ts, pid, enc in batch.logs:
+            pipe.zadd(self._k("log", kind, key), {_log_member(kind, pid, enc): ts})
         for user, what, value, ts in batch.first_seen:
             pipe.zadd(self._k("first", user), {f"{what}:{value}": ts}, lt=True)
         for kind, key, dispute_id, ts in batch.disputes:
@@ -575,13 +666,26 @@ class RedisEventState(EventState):
                 out[pid] = (user.decode(), card.decode() or None, creator.decode() or None)
         return out
 
-    def snapshot(self, rec: PaymentRecord) -> Snapshot:
+    def snapshot(
+        self, rec: PaymentRecord, profiles: Sequence[ProfileQuery] = (), *, retry: bool = True
+    ) -> Snapshot:
         t = rec.ts
         lo = t - WINDOWS[HISTORY_WINDOW]
+        from redis.exceptions import NoScriptError
+
         pipe = self.client.pipeline(transaction=False)
-        kinds = [k for k in LOG_ENTITIES if rec.key(k) is not None]
+        kinds = [k for k in VELOCITY_ENTITIES if rec.key(k) is not None]
         for kind in kinds:
             pipe.zrangebyscore(self._k("log", kind, str(rec.key(kind))), f"({lo}", f"({t}")
+        if rec.creator_id is not None:  # aggregated in Redis: a creator may have thousands of sales
+            pipe.evalsha(
+                self._creator_sha(),
+                1,
+                self._k("log", "creator", rec.creator_id),
+                f"({lo}",
+                f"({t}",
+                rec.user_id,
+            )
         pipe.zcount(self._k("disp", "user", rec.user_id), "-inf", f"({t}")
         if rec.card is not None:
             pipe.zcount(self._k("disp", "card", rec.card), "-inf", f"({t}")
@@ -592,21 +696,22 @@ class RedisEventState(EventState):
             pipe.zcount(self._k("cpay", rec.creator_id), "-inf", f"({t}")
         wanted = [("card", rec.card), ("device", rec.device), ("country", rec.ip_country)]
         pipe.zmscore(self._k("first", rec.user_id), [f"{w}:{v}" for w, v in wanted])
-        res = iter(pipe.execute())
+        for q in profiles:
+            for key in q.redis_keys:
+                pipe.hmget(key, list(q.redis_fields))
+        try:
+            results = pipe.execute()
+        except NoScriptError:  # the server lost its script cache (restart, SCRIPT FLUSH): load again
+            if not retry:
+                raise
+            self._sha = None
+            return self.snapshot(rec, profiles, retry=False)
+        res = iter(results)
         snap = Snapshot()
         for kind in kinds:
-            members = next(res)
-            if kind == "creator":  # only the buyer matters: split off what is needed
-                buyers: dict[bytes, bytes] = {}
-                for m in members:
-                    _ts, pid, _cents, user, _rest = m.split(b"\x1f", 4)
-                    buyers.setdefault(pid, user)
-                me = rec.user_id.encode()
-                snap.creator_n = len(buyers)
-                snap.creator_buyers = len(set(buyers.values()))
-                snap.creator_same = sum(1 for u in buyers.values() if u == me)
-            else:
-                snap.logs[kind] = [PaymentRecord.decode(m) for m in members]
+            snap.logs[kind] = [PaymentRecord.decode(m) for m in next(res)]
+        if rec.creator_id is not None:
+            snap.creator_n, snap.creator_buyers, snap.creator_same = (int(v) for v in next(res))
         snap.user_disputes = int(next(res))
         if rec.card is not None:
             snap.card_disputes = int(next(res))
@@ -620,6 +725,9 @@ class RedisEventState(EventState):
             w: (int(s) if s is not None and v is not None else None)
             for (w, v), s in zip(wanted, scores, strict=True)
         }
+        for q in profiles:
+            rows = [[parse_value(v) for v in next(res)] for _ in q.redis_keys]
+            snap.profiles.append(_profile_dicts(q.fields, rows))
         for kind in snap.logs:  # a duplicate sent with other content: keep one record per payment
             if len({r.payment_id for r in snap.logs[kind]}) != len(snap.logs[kind]):
                 seen: dict[str, PaymentRecord] = {}
@@ -627,6 +735,11 @@ class RedisEventState(EventState):
                     seen.setdefault(r.payment_id, r)
                 snap.logs[kind] = list(seen.values())
         return snap
+
+    def _creator_sha(self) -> str:
+        if self._sha is None:
+            self._sha = str(self.client.script_load(_CREATOR_LUA))
+        return self._sha
 
     def delete(self, entity: str, keys: Sequence[str]) -> int:
         c = self.client
@@ -675,7 +788,7 @@ class RedisEventState(EventState):
             for kind in LOG_ENTITIES:
                 key = rec.key(kind)
                 if key is not None:
-                    pipe.zrem(self._k("log", kind, key), enc)
+                    pipe.zrem(self._k("log", kind, key), _log_member(kind, pid, enc.decode()))
             pipe.delete(self._k("pay", pid))
             pipe.zrem(self._k("upay", rec.user_id), pid)
             for kind in ("card", "device", "ip"):
@@ -755,6 +868,7 @@ class OnlineFeatures:
         store: FeatureStore | None = None,
         state: EventState | None = None,
     ) -> None:
+        from features.feature_repo import PROFILE_VIEWS
         from features.settings import get_settings
         from features.store import open_event_state, open_feature_store
 
@@ -763,6 +877,10 @@ class OnlineFeatures:
         self.state = state if state is not None else open_event_state(self.settings)
         self._views: dict[str, Any] = {}
         self._lock = threading.Lock()
+        self._profile_fields = {pv.name: tuple(pv.fields) for pv in PROFILE_VIEWS}
+        self._redis_fields: dict[str, tuple[bytes, ...]] = {}
+        if self.store.config.registry.enable_online_feature_view_versioning:
+            raise OnlineFeatureError("online feature view versioning is not supported by the profile reads")
         if self.store.config.online_store.type == "sqlite":
             # Feast's SQLite store commits with a full fsync per write (~8 ms); WAL makes a
             # profile push cost what the event-state writes cost
@@ -790,10 +908,41 @@ class OnlineFeatures:
         rows = provider.online_read(config=self.store.config, table=fv, entity_keys=ek)
         out: list[dict[str, Any] | None] = []
         for _ts, values in rows:
-            out.append(
-                None if values is None else {k: feast_value_type_to_python_type(v) for k, v in values.items()}
-            )
+            parsed = {k: feast_value_type_to_python_type(v) for k, v in (values or {}).items()}
+            # Redis answers an unknown key with empty values, SQLite with nothing: both mean "no profile"
+            out.append(parsed if any(v is not None for v in parsed.values()) else None)
         return out
+
+    def _profile_query(self, view: str, join_key: str, keys: Sequence[str]) -> ProfileQuery:
+        """How to read profile rows straight from Feast's online layout (see `ProfileQuery`)."""
+        from feast.infra.key_encoding_utils import serialize_entity_key
+        from feast.infra.online_stores.helpers import _mmh3, _redis_key
+        from feast.protos.feast.types.EntityKey_pb2 import EntityKey
+        from feast.protos.feast.types.Value_pb2 import Value
+
+        cfg = self.store.config
+        fields = self._profile_fields[view]
+        eks = [EntityKey(join_keys=[join_key], entity_values=[Value(string_val=k)]) for k in keys]
+        version = cfg.entity_key_serialization_version
+        if cfg.online_store.type == "redis":
+            if view not in self._redis_fields:
+                self._redis_fields[view] = tuple(_mmh3(f"{view}:{f}") for f in fields)
+            return ProfileQuery(
+                view,
+                fields,
+                redis_keys=tuple(
+                    _redis_key(cfg.project, ek, entity_key_serialization_version=version) for ek in eks
+                ),
+                redis_fields=self._redis_fields[view],
+            )
+        return ProfileQuery(
+            view,
+            fields,
+            sqlite_table=f"{cfg.project}_{view}",
+            sqlite_keys=tuple(
+                serialize_entity_key(ek, entity_key_serialization_version=version) for ek in eks
+            ),
+        )
 
     def _write_profile(
         self, view: str, join_key: str, key: str, values: dict[str, Any], when: dt.datetime
@@ -878,14 +1027,15 @@ class OnlineFeatures:
         orders the columns of one model.
         """
         rec = record_of(payment)
-        snap = self.state.snapshot(rec)
-        prof = self._read_profiles("user_profile", "user_id", [rec.user_id])
-        snap.user_profile = prof[0] if prof else None
+        queries = [self._profile_query("user_profile", "user_id", [rec.user_id])]
         if rec.item_ids:
-            items = self._read_profiles("item_profile", "item_id", list(rec.item_ids))
+            queries.append(self._profile_query("item_profile", "item_id", list(rec.item_ids)))
+        snap = self.state.snapshot(rec, queries)  # one round trip: state and Feast profiles
+        snap.user_profile = snap.profiles[0][0]
+        if rec.item_ids:
             snap.items = [
                 (int(i["price_cents"]), int(i["created_ts"]))
-                for i in items
+                for i in snap.profiles[1]
                 if i is not None and i.get("price_cents") is not None and i.get("created_ts") is not None
             ]
         vec = compute_payment_vector(rec, snap)

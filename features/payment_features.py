@@ -509,7 +509,7 @@ def _creator_sql() -> str:
 
 #: Request-time inputs of the on-demand features (column -> Feast type name).
 REQUEST_INPUTS: dict[str, str] = {
-    "amount": "Float64",
+    "payment_amount": "Float64",
     "payment_ts_us": "Int64",
     "card_bin_country": "String",
     "billing_country": "String",
@@ -526,10 +526,17 @@ REQUEST_FEATURES = [
 
 
 def request_features(inputs: pd.DataFrame) -> pd.DataFrame:
-    """Features computed from the payment request alone (vectorised; also Feast's on-demand udf)."""
-    hour, day = HOUR, DAY
+    """Features computed from the payment request alone (vectorised; also Feast's on-demand udf).
+
+    Self-contained (own imports and constants): Feast runs the udf from its source text.
+    """
+    import numpy as np
+    import pandas as pd
+
+    hour = 3_600_000_000
+    day = 24 * hour
     ts = inputs["payment_ts_us"].astype("int64")
-    cents = np.floor(inputs["amount"].astype("float64") * 100 + 0.5)
+    cents = np.floor(inputs["payment_amount"].astype("float64") * 100 + 0.5)
     bin_c, billing, ipc = inputs["card_bin_country"], inputs["billing_country"], inputs["ip_country"]
 
     def mismatch(a: pd.Series, b: pd.Series) -> np.ndarray:
@@ -550,7 +557,8 @@ def request_features(inputs: pd.DataFrame) -> pd.DataFrame:
 
 def _request_sql() -> str:
     return """
-        SELECT rid, amount, ts AS payment_ts_us, card_bin_country, billing_country, ip_country FROM p
+        SELECT rid, amount AS payment_amount, ts AS payment_ts_us, card_bin_country, billing_country, ip_country
+        FROM p
     """
 
 

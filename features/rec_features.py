@@ -11,9 +11,9 @@ set of a million rows go through the same `pair_features`, so they cannot drift 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -26,7 +26,11 @@ TIERS: tuple[Tier, ...] = ("personalized", "limited")
 
 PURCHASES = ("user.behavior.purchase_history", "user.unique_id.pseudonymous")
 BROWSING = ("user.behavior.browsing_history", "user.unique_id.pseudonymous")
-BEHAVIOUR = ("user.behavior.purchase_history", "user.behavior.browsing_history", "user.unique_id.pseudonymous")
+BEHAVIOUR = (
+    "user.behavior.purchase_history",
+    "user.behavior.browsing_history",
+    "user.unique_id.pseudonymous",
+)
 NONE: tuple[str, ...] = ()
 
 _F = FeatureDef
@@ -36,17 +40,42 @@ REC_FEATURES: list[FeatureDef] = [
     _F("item_pop_7d", "item", "Distinct buyers of the item in the last 7 days.", NONE, "derived"),
     _F("item_pop_30d", "item", "Distinct buyers of the item in the last 30 days.", NONE, "derived"),
     _F("item_pop_all", "item", "Distinct buyers of the item since it was listed.", NONE, "derived"),
+    _F(
+        "item_new_buyers_30d",
+        "item",
+        "Persons who bought the item for the first time in 30 days.",
+        NONE,
+        "derived",
+    ),
     _F("item_trend", "item", "7-day buyers over the 30-day weekly average (>1 = rising).", NONE, "derived"),
     _F("item_views_7d", "item", "Views of the item in the last 7 days.", NONE, "derived"),
     _F("item_age_days", "item", "Days since the item was listed.", NONE, "derived"),
     _F("item_log_price", "item", "Log of the item's list price.", NONE, "derived"),
-    _F("item_repeat_share", "item", "Share of the item's buyers who bought it more than once.", NONE, "derived"),
+    _F(
+        "item_repeat_share",
+        "item",
+        "Share of the item's buyers who bought it more than once.",
+        NONE,
+        "derived",
+    ),
     _F("item_rebuy_gap_days", "item", "Median days between repeat purchases of the item.", NONE, "derived"),
-    _F("item_style_pop_7d", "item", "Share of last week's buyers who bought the item's style.", NONE, "derived"),
+    _F(
+        "item_style_pop_7d",
+        "item",
+        "Share of last week's buyers who bought the item's style.",
+        NONE,
+        "derived",
+    ),
     # The person's own history.
     _F("user_n_purchases", "user", "Purchase events of the person.", PURCHASES, "observed"),
     _F("user_n_items", "user", "Distinct items the person bought.", PURCHASES, "observed"),
-    _F("user_repeat_share", "user", "Share of the person's purchases that were repeats.", PURCHASES, "derived"),
+    _F(
+        "user_repeat_share",
+        "user",
+        "Share of the person's purchases that were repeats.",
+        PURCHASES,
+        "derived",
+    ),
     _F("user_days_since_purchase", "user", "Days since the person's last purchase.", PURCHASES, "observed"),
     _F("user_days_since_first", "user", "Days since the person's first purchase.", PURCHASES, "observed"),
     _F("user_price_band", "user", "Median log price of what the person bought.", PURCHASES, "derived"),
@@ -58,13 +87,54 @@ REC_FEATURES: list[FeatureDef] = [
     _F("ui_decay_purchases", "user_item", "Time-decayed purchases of this item.", PURCHASES, "derived"),
     _F("ui_days_since_purchase", "user_item", "Days since the person last bought it.", PURCHASES, "observed"),
     _F("ui_days_since_first", "user_item", "Days since the person first bought it.", PURCHASES, "observed"),
-    _F("ui_rebuy_due", "user_item", "Days since last bought over the item's rebuy gap.", PURCHASES, "derived"),
+    _F(
+        "ui_rebuy_due", "user_item", "Days since last bought over the item's rebuy gap.", PURCHASES, "derived"
+    ),
     _F("ui_n_views", "user_item", "Times the person viewed this item.", BROWSING, "observed"),
     _F("ui_liked_or_carted", "user_item", "The person liked it or put it in the cart.", BROWSING, "observed"),
-    _F("ui_copurchase", "user_item", "Decayed co-purchase similarity to the person's buys.", PURCHASES, "derived"),
-    _F("ui_copurchase_mean", "user_item", "Mean co-purchase similarity to the person's items.", PURCHASES, "derived"),
-    _F("ui_coview", "user_item", "Decayed co-view similarity to what the person viewed.", BEHAVIOUR, "derived"),
-    _F("ui_style_affinity", "user_item", "Decayed share of the person's activity in the style.", BEHAVIOUR, "derived"),
+    _F(
+        "ui_copurchase",
+        "user_item",
+        "Decayed co-purchase similarity to the person's buys.",
+        PURCHASES,
+        "derived",
+    ),
+    _F(
+        "ui_copurchase_mean",
+        "user_item",
+        "Mean co-purchase similarity to the person's items.",
+        PURCHASES,
+        "derived",
+    ),
+    _F(
+        "ui_ease",
+        "user_item",
+        "EASE item-item score of the item given the person's buys.",
+        PURCHASES,
+        "derived",
+    ),
+    _F("ui_ease_decay", "user_item", "EASE score with recent buys weighted more.", PURCHASES, "derived"),
+    _F(
+        "ui_ease_rel",
+        "user_item",
+        "EASE score over the best EASE score of the request.",
+        PURCHASES,
+        "derived",
+    ),
+    _F(
+        "ui_coview",
+        "user_item",
+        "Decayed co-view similarity to what the person viewed.",
+        BEHAVIOUR,
+        "derived",
+    ),
+    _F(
+        "ui_style_affinity",
+        "user_item",
+        "Decayed share of the person's activity in the style.",
+        BEHAVIOUR,
+        "derived",
+    ),
     _F("ui_creator_affinity", "user_item", "Decayed share of activity on the creator.", BEHAVIOUR, "derived"),
     _F("ui_price_gap", "user_item", "Item log price minus the person's price band.", PURCHASES, "derived"),
     # The request's own context (the item on screen): no profile involved.
@@ -110,8 +180,12 @@ class RecEvents:
     def from_dir(cls, directory: Path) -> RecEvents:
         from features.storage import read_table, table_path
 
-        inter = read_table(directory, "interactions", ["user_id", "item_id", "event_type", "event_time", "quantity"])
-        items = read_table(directory, "items", ["item_id", "creator_id", "style", "price", "created_time", "status"])
+        inter = read_table(
+            directory, "interactions", ["user_id", "item_id", "event_type", "event_time", "quantity"]
+        )
+        items = read_table(
+            directory, "items", ["item_id", "creator_id", "style", "price", "created_time", "status"]
+        )
         creators = (
             read_table(directory, "creators", ["creator_id", "user_id"])
             if table_path(directory, "creators").exists()
@@ -121,7 +195,10 @@ class RecEvents:
 
     def checked(self) -> RecEvents:
         need = {
-            "interactions": ({"user_id", "item_id", "event_type", "event_time", "quantity"}, self.interactions),
+            "interactions": (
+                {"user_id", "item_id", "event_type", "event_time", "quantity"},
+                self.interactions,
+            ),
             "items": ({"item_id", "creator_id", "style", "price", "created_time", "status"}, self.items),
         }
         for name, (cols, df) in need.items():
@@ -133,6 +210,9 @@ class RecEvents:
 
 HALF_LIFE_DAYS = 45.0
 NEIGHBOURS = 100  # kept per item in the co-purchase / co-view graphs
+EASE_LAMBDA = 500.0
+EASE_MAX_ITEMS = 5000  # EASE inverts an items × items matrix: only the most bought items
+EASE_NEIGHBOURS = 200
 EVENT_WEIGHT = {"view": 1.0, "like": 2.0, "add_to_cart": 2.0, "purchase": 3.0}
 
 
@@ -164,23 +244,41 @@ class RecState:
     creator_aff: sp.csr_matrix  # users × creators
     copurchase: sp.csr_matrix  # items × items cosine, top neighbours per row
     coview: sp.csr_matrix
+    ease: sp.csr_matrix  # items × items EASE weights (positive, top neighbours per row)
     creator_owner: dict[str, np.ndarray]  # user_id -> creator codes the person owns
+    derived: dict[str, Any] = field(default_factory=dict, repr=False)  # lazily built lookups
 
     @property
     def n_items(self) -> int:
         return len(self.items)
 
+    def creator_items(self) -> sp.csr_matrix:
+        """Creators × items membership (for 'never the person's own pictures')."""
+        if "creator_items" not in self.derived:
+            ones = np.ones(self.n_items, dtype=np.float32)
+            self.derived["creator_items"] = sp.csr_matrix(
+                (ones, (self.item_creator, np.arange(self.n_items))), shape=(len(self.creators), self.n_items)
+            )
+        return self.derived["creator_items"]  # type: ignore[no-any-return]
+
+    def transposed(self, name: str) -> sp.csr_matrix:
+        """CSR of the transpose of an item-item graph: its row i is the graph's column i."""
+        key = f"{name}.T"
+        if key not in self.derived:
+            self.derived[key] = sp.csr_matrix(getattr(self, name).T)
+        return self.derived[key]  # type: ignore[no-any-return]
+
     def user_row(self, user_id: str | None) -> int:
         """Row of a user, or -1 for an unknown person (cold start)."""
         if user_id is None:
             return -1
-        pos = self.users.get_indexer([user_id])[0]
+        pos = self.users.get_indexer(pd.Index([user_id]))[0]
         return int(pos)
 
     def item_col(self, item_id: str | None) -> int:
         if item_id is None:
             return -1
-        return int(self.items.get_indexer([item_id])[0])
+        return int(self.items.get_indexer(pd.Index([item_id]))[0])
 
 
 def _days_before(times: pd.Series, as_of: pd.Timestamp) -> np.ndarray:
@@ -197,7 +295,9 @@ def _utc_series(s: pd.Series) -> pd.Series:
     return s.dt.tz_localize("UTC") if s.dt.tz is None else s.dt.tz_convert("UTC")
 
 
-def _matrix(rows: np.ndarray, cols: np.ndarray, vals: np.ndarray, shape: tuple[int, int], agg: str) -> sp.csr_matrix:
+def _matrix(
+    rows: np.ndarray, cols: np.ndarray, vals: np.ndarray, shape: tuple[int, int], agg: str
+) -> sp.csr_matrix:
     """Sparse matrix from triplets; duplicates summed (`sum`) or max-reduced (`max`)."""
     if agg == "sum":
         return sp.csr_matrix((vals.astype(np.float32), (rows, cols)), shape=shape)
@@ -218,6 +318,35 @@ def _cosine_neighbours(x: sp.csr_matrix, top: int) -> sp.csr_matrix:
     norm[norm == 0] = 1.0
     co = sp.csr_matrix(sp.diags(1.0 / norm) @ co @ sp.diags(1.0 / norm))
     return _keep_top_per_row(co, top)
+
+
+def ease_neighbours(
+    x: sp.csr_matrix, lam: float = EASE_LAMBDA, top: int = EASE_NEIGHBOURS, max_items: int = EASE_MAX_ITEMS
+) -> sp.csr_matrix:
+    """EASE (Steck 2019) weights B = -P / diag(P), P = (XᵀX + λI)⁻¹, on binary purchases.
+
+    Why EASE next to cosine: it learns which co-purchases explain a purchase beyond
+    popularity, the strongest single item-item signal on retail baskets. Only the `max_items`
+    most bought items take part (the inverse is cubic), and only the `top` largest positive
+    weights per item are kept, so a person's score is one sparse row product.
+    """
+    b = _binary(x)
+    n_items = b.shape[1]
+    buyers = np.asarray(b.sum(axis=0)).ravel()
+    keep = np.flatnonzero(buyers > 0)
+    if len(keep) > max_items:
+        keep = keep[np.argsort(-buyers[keep], kind="stable")[:max_items]]
+    if len(keep) < 2:
+        return sp.csr_matrix((n_items, n_items), dtype=np.float32)
+    sub = b[:, keep]
+    gram = np.asarray((sub.T @ sub).toarray(), dtype=np.float64)
+    gram[np.diag_indices_from(gram)] += lam
+    p = np.linalg.inv(gram)
+    w = -p / np.diag(p)[None, :]
+    np.fill_diagonal(w, 0.0)
+    w[w < 0] = 0.0
+    pruned = _keep_top_per_row(sp.csr_matrix(w.astype(np.float32)), top).tocoo()
+    return sp.csr_matrix((pruned.data, (keep[pruned.row], keep[pruned.col])), shape=(n_items, n_items))
 
 
 def _keep_top_per_row(m: sp.csr_matrix, top: int) -> sp.csr_matrix:
@@ -241,7 +370,9 @@ def _distinct_buyers(p: pd.DataFrame, days: float, n_items: int) -> np.ndarray:
     return out
 
 
-def build_state(events: RecEvents, as_of: pd.Timestamp | str, half_life_days: float = HALF_LIFE_DAYS) -> RecState:
+def build_state(
+    events: RecEvents, as_of: pd.Timestamp | str, half_life_days: float = HALF_LIFE_DAYS
+) -> RecState:
     """Snapshot of everything known strictly before `as_of` (point-in-time correct)."""
     t0 = _as_utc(as_of)
     inter = events.interactions
@@ -263,8 +394,8 @@ def build_state(events: RecEvents, as_of: pd.Timestamp | str, half_life_days: fl
 
     ev = pd.DataFrame(
         {
-            "u": users.get_indexer(inter["user_id"].astype(str)),
-            "i": items.get_indexer(inter["item_id"].astype(str)),
+            "u": users.get_indexer(pd.Index(inter["user_id"].astype(str))),
+            "i": items.get_indexer(pd.Index(inter["item_id"].astype(str))),
             "type": inter["event_type"].astype(str).to_numpy(),
             "age": _days_before(inter["event_time"], t0),
             "qty": inter["quantity"].fillna(1).to_numpy(np.float64),
@@ -287,24 +418,30 @@ def build_state(events: RecEvents, as_of: pd.Timestamp | str, half_life_days: fl
     liked = _matrix(lc["u"].to_numpy(), lc["i"].to_numpy(), np.ones(len(lc)), shape, "max")
 
     w = ev["type"].map(EVENT_WEIGHT).fillna(1.0).to_numpy() * ev["decay"].to_numpy()
-    style_aff = _row_share(_matrix(ev["u"].to_numpy(), style_codes[ev["i"].to_numpy()], w, (n_u, len(styles)), "sum"))
+    style_aff = _row_share(
+        _matrix(ev["u"].to_numpy(), style_codes[ev["i"].to_numpy()], w, (n_u, len(styles)), "sum")
+    )
     creator_aff = _row_share(
         _matrix(ev["u"].to_numpy(), creator_codes[ev["i"].to_numpy()], w, (n_u, len(creators)), "sum")
     )
     browse = views + liked
     copurchase = _cosine_neighbours(buys, NEIGHBOURS)
-    coview = _cosine_neighbours(browse, NEIGHBOURS) if browse.nnz else sp.csr_matrix((n_i, n_i), dtype=np.float32)
+    coview = (
+        _cosine_neighbours(browse, NEIGHBOURS) if browse.nnz else sp.csr_matrix((n_i, n_i), dtype=np.float32)
+    )
 
     created_days = _days_before(items_df["created_time"], t0)
     first_sale = p.groupby("i")["age"].max()
     listed = created_days.copy()
-    listed[first_sale.index.to_numpy()] = np.maximum(listed[first_sale.index.to_numpy()], first_sale.to_numpy())
+    listed[first_sale.index.to_numpy()] = np.maximum(
+        listed[first_sale.index.to_numpy()], first_sale.to_numpy()
+    )
     item_stats = _item_stats(p, v, items_df, style_codes, listed, n_i)
     user_stats = _user_stats(p, v, items_df, n_u)
     owner: dict[str, np.ndarray] = {}
     if events.creators is not None and "user_id" in events.creators:
         own = events.creators.dropna(subset=["user_id"])
-        codes = creators.get_indexer(own["creator_id"].astype(str))
+        codes = creators.get_indexer(pd.Index(own["creator_id"].astype(str)))
         keep = codes >= 0
         grouped = pd.Series(codes[keep]).groupby(own["user_id"].astype(str).to_numpy()[keep])
         owner = {str(k): g.to_numpy() for k, g in grouped}
@@ -333,6 +470,7 @@ def build_state(events: RecEvents, as_of: pd.Timestamp | str, half_life_days: fl
         creator_aff=creator_aff,
         copurchase=copurchase,
         coview=coview,
+        ease=ease_neighbours(buys),
         creator_owner=owner,
     )
 
@@ -350,13 +488,18 @@ def _item_stats(
     pop_7d = _distinct_buyers(p, 7, n_i)
     pop_30d = _distinct_buyers(p, 30, n_i)
     pop_all = _distinct_buyers(p, np.inf, n_i)
+    first = p.groupby(["u", "i"])["age"].max()
+    first_30 = first[first < 30].index.get_level_values("i").to_numpy()
+    new_buyers_30d = np.bincount(first_30, minlength=n_i).astype(np.float64)
     per_pair = p.groupby(["u", "i"]).size()
     repeaters = (per_pair > 1).groupby(level="i").mean()
     repeat_share = np.full(n_i, np.nan)
     repeat_share[repeaters.index.to_numpy()] = repeaters.to_numpy()
     # median gap between consecutive purchases of one item by one person
     srt = p.sort_values(["u", "i", "age"], ascending=[True, True, False])
-    same = (srt["u"].to_numpy()[1:] == srt["u"].to_numpy()[:-1]) & (srt["i"].to_numpy()[1:] == srt["i"].to_numpy()[:-1])
+    same = (srt["u"].to_numpy()[1:] == srt["u"].to_numpy()[:-1]) & (
+        srt["i"].to_numpy()[1:] == srt["i"].to_numpy()[:-1]
+    )
     gaps = srt["age"].to_numpy()[:-1] - srt["age"].to_numpy()[1:]
     gap_frame = pd.DataFrame({"i": srt["i"].to_numpy()[1:][same], "gap": gaps[same]})
     gap_frame = gap_frame[gap_frame["gap"] > 0.5]
@@ -373,6 +516,7 @@ def _item_stats(
         "item_pop_7d": pop_7d,
         "item_pop_30d": pop_30d,
         "item_pop_all": pop_all,
+        "item_new_buyers_30d": new_buyers_30d,
         "item_trend": (pop_7d + 1.0) / (pop_30d * 7.0 / 30.0 + 1.0),
         "item_views_7d": views_7d,
         "item_age_days": listed,
@@ -398,7 +542,9 @@ def _user_stats(p: pd.DataFrame, v: pd.DataFrame, items_df: pd.DataFrame, n_u: i
         "user_repeat_share": np.where(n_purchases > 0, 1.0 - n_items / np.maximum(n_purchases, 1.0), np.nan),
         "user_days_since_purchase": per_user(p.groupby("u")["age"].min()),
         "user_days_since_first": per_user(p.groupby("u")["age"].max()),
-        "user_price_band": per_user(pd.Series(log_price[p["i"].to_numpy()]).groupby(p["u"].to_numpy()).median()),
+        "user_price_band": per_user(
+            pd.Series(log_price[p["i"].to_numpy()]).groupby(p["u"].to_numpy()).median()
+        ),
         "user_n_views_30d": per_user(v[v["age"] < 30].groupby("u").size(), 0.0),
         "user_days_since_view": per_user(v.groupby("u")["age"].min()),
     }
@@ -408,6 +554,57 @@ def _user_stats(p: pd.DataFrame, v: pd.DataFrame, items_df: pd.DataFrame, n_u: i
 # (user, item, context) -> model matrix.
 
 
+def row_dense(m: sp.csr_matrix, r: int) -> np.ndarray:
+    """Row `r` of a CSR matrix as a dense vector, straight from its arrays.
+
+    Why not `m[r].toarray()`: scipy's indexing costs tens of microseconds per call, and one
+    request reads a dozen rows; this is a slice and a bincount.
+    """
+    s, e = m.indptr[r], m.indptr[r + 1]
+    return np.bincount(m.indices[s:e], weights=m.data[s:e], minlength=m.shape[1]).astype(np.float64)
+
+
+def row_graph(m: sp.csr_matrix, r: int, graph: sp.csr_matrix) -> np.ndarray:
+    """(m[r] @ graph) as a dense vector: the rows of `graph` for the person's items, weighted."""
+    s, e = m.indptr[r], m.indptr[r + 1]
+    js, ws = m.indices[s:e], m.data[s:e]
+    starts, lens = graph.indptr[js], graph.indptr[js + 1] - graph.indptr[js]
+    total = int(lens.sum())
+    if total == 0:
+        return np.zeros(graph.shape[1])
+    offsets = np.repeat(starts - np.r_[0, np.cumsum(lens)[:-1]], lens) + np.arange(total)
+    weights = graph.data[offsets] * np.repeat(ws, lens)
+    return np.bincount(graph.indices[offsets], weights=weights, minlength=graph.shape[1])
+
+
+def row_entries(m: sp.csr_matrix, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(position in `rows`, column) of every stored entry of m[rows], without scipy indexing."""
+    rows = np.asarray(rows, dtype=np.int64)
+    starts, lens = m.indptr[rows], m.indptr[rows + 1] - m.indptr[rows]
+    total = int(lens.sum())
+    offsets = np.repeat(starts - np.r_[0, np.cumsum(lens)[:-1]], lens) + np.arange(total)
+    return np.repeat(np.arange(len(rows)), lens), m.indices[offsets].astype(np.int64)
+
+
+def rows_dense(m: sp.csr_matrix, rows: np.ndarray) -> np.ndarray:
+    """m[rows] as a dense (len(rows) × columns) array; fast path for one row."""
+    if len(rows) == 1:
+        return row_dense(m, int(rows[0]))[None, :]
+    return np.asarray(m[rows].toarray(), dtype=np.float64)
+
+
+def rows_graph(m: sp.csr_matrix, rows: np.ndarray, graph: sp.csr_matrix) -> np.ndarray:
+    """(m[rows] @ graph) dense; fast path for one row."""
+    if len(rows) == 1:
+        return row_graph(m, int(rows[0]), graph)[None, :]
+    return np.asarray((m[rows] @ graph).toarray(), dtype=np.float64)
+
+
+def _single(rows: np.ndarray) -> int | None:
+    """The one person of a request block, or None if several appear."""
+    return int(rows[0]) if len(rows) and rows[0] == rows[-1] and (rows == rows[0]).all() else None
+
+
 def _pair_values(m: sp.csr_matrix, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
     """m[rows[k], cols[k]] for every k; rows of -1 (unknown person) give 0."""
     out = np.zeros(len(rows), dtype=np.float64)
@@ -415,10 +612,8 @@ def _pair_values(m: sp.csr_matrix, rows: np.ndarray, cols: np.ndarray) -> np.nda
     if not ok.any():
         return out
     r, c = rows[ok], cols[ok]
-    if r[0] == r[-1] and (r == r[0]).all():  # one person: slice the row once (serving path)
-        out[ok] = m[int(r[0])].toarray().ravel()[c]
-    else:
-        out[ok] = np.asarray(m[r, c]).ravel()
+    one = _single(r)
+    out[ok] = row_dense(m, one)[c] if one is not None else np.asarray(m[r, c]).ravel()
     return out
 
 
@@ -430,12 +625,13 @@ def _user_graph_scores(
     ok = rows >= 0
     if not ok.any():
         return out
+    one = _single(rows[ok])
+    if one is not None:
+        out[ok] = row_graph(user_m, one, graph)[cols[ok]]
+        return out
     uniq, pos = np.unique(rows[ok], return_inverse=True)
     prod = (user_m[uniq] @ graph).tocsr()
-    if len(uniq) == 1:
-        out[ok] = prod.toarray().ravel()[cols[ok]]
-    else:
-        out[ok] = np.asarray(prod[pos, cols[ok]]).ravel()
+    out[ok] = np.asarray(prod[pos, cols[ok]]).ravel()
     return out
 
 
@@ -445,11 +641,14 @@ def pair_features(
     cols: np.ndarray,
     context: np.ndarray | None = None,
     names: Sequence[str] | None = None,
+    requests: np.ndarray | None = None,
 ) -> np.ndarray:
     """Model matrix (n × len(names)) for users `rows`, candidate items `cols` and context items.
 
     `rows` are positions in `state.users` (-1 = unknown person), `cols` positions in
-    `state.items`, `context` the item on screen per row (-1 = none). Missing values are NaN.
+    `state.items`, `context` the item on screen per row (-1 = none). `requests` numbers the
+    request each row belongs to (sorted; default: one request per person) for features
+    relative to the other candidates of the same request. Missing values are NaN.
     """
     names = list(names or [f.name for f in REC_FEATURES])
     rows = np.asarray(rows, dtype=np.int64)
@@ -464,6 +663,12 @@ def pair_features(
         if key not in cache:
             m = getattr(state, key)
             cache[key] = _pair_values(m, rows, cols)
+        return cache[key]
+
+    def graph(user_key: str, graph_key: str) -> np.ndarray:
+        key = f"{user_key}@{graph_key}"
+        if key not in cache:
+            cache[key] = _user_graph_scores(getattr(state, user_key), getattr(state, graph_key), rows, cols)
         return cache[key]
 
     def user(key: str) -> np.ndarray:
@@ -497,12 +702,20 @@ def pair_features(
         elif name == "ui_liked_or_carted":
             col = np.where(known, ui("liked"), np.nan)
         elif name == "ui_copurchase":
-            col = np.where(known, _user_graph_scores(state.buys_decay, state.copurchase, rows, cols), np.nan)
+            col = np.where(known, graph("buys_decay", "copurchase"), np.nan)
         elif name == "ui_copurchase_mean":
-            binary = _user_graph_scores(state.bought, state.copurchase, rows, cols)
+            binary = graph("bought", "copurchase")
             col = np.where(known, binary / np.maximum(user("user_n_items"), 1.0), np.nan)
+        elif name == "ui_ease":
+            col = np.where(known, graph("bought", "ease"), np.nan)
+        elif name == "ui_ease_decay":
+            col = np.where(known, graph("buys_decay", "ease"), np.nan)
+        elif name == "ui_ease_rel":
+            ease = graph("bought", "ease")
+            req = rows if requests is None else np.asarray(requests)
+            col = np.where(known, ease / np.maximum(_group_max(ease, req), 1e-9), np.nan)
         elif name == "ui_coview":
-            col = np.where(known, _user_graph_scores(state.views_decay, state.coview, rows, cols), np.nan)
+            col = np.where(known, graph("views_decay", "coview"), np.nan)
         elif name == "ui_style_affinity":
             col = np.where(known, _pair_values(state.style_aff, rows, state.item_style[cols]), np.nan)
         elif name == "ui_creator_affinity":
@@ -515,6 +728,16 @@ def pair_features(
             raise KeyError(f"no computation for feature {name!r}")
         out[:, j] = col
     return out
+
+
+def _group_max(values: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """Per row, the maximum of `values` over the rows of the same group."""
+    if len(values) == 0:
+        return values
+    _, inverse = np.unique(groups, return_inverse=True)
+    best = np.full(inverse.max() + 1, -np.inf)
+    np.maximum.at(best, inverse, values)
+    return best[inverse]
 
 
 def _binary(m: sp.csr_matrix) -> sp.csr_matrix:

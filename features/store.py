@@ -13,9 +13,12 @@ configuration never drifts from the environment. ``aipic features build`` = `bui
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
+import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -150,14 +153,17 @@ def open_event_state(settings: Settings | None = None) -> EventState:
         import redis
 
         return RedisEventState(redis.Redis.from_url(s.redis_url), s.feast_project)
-    return SqliteEventState(s.feature_repo_dir / "online_state.db", s.feast_project)
+    repo = s.feature_repo_dir
+    return SqliteEventState(repo / "online_state.db", s.feast_project, feast_db=repo / "online.db")
 
 
 def apply_repo(store: FeatureStore, settings: Settings | None = None) -> list[str]:
     """Register every generated object; return their names."""
     s = settings or get_settings()
     objects = feast_objects(offline_dir(s))
-    store.apply(objects.all())
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="On demand feature view is an experimental feature")
+        store.apply(objects.all())
     return [o.name for o in objects.all()]
 
 
@@ -171,7 +177,10 @@ def materialize_repo(store: FeatureStore, settings: Settings | None = None) -> l
         if fv.online and offline_table_path(offline_dir(s), name).exists()
     ]
     if names:
-        store.materialize(MATERIALIZE_START, MATERIALIZE_END, feature_views=names)
+        # Feast prints its progress on stdout: keep stdout for the command's own output
+        with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            store.materialize(MATERIALIZE_START, MATERIALIZE_END, feature_views=names)
     return names
 
 
@@ -291,3 +300,16 @@ def build_features(
             online.close()
     summary["seconds"] = round(time.perf_counter() - started, 2)
     return summary
+
+
+def teardown_project(store: FeatureStore) -> None:
+    """Remove this project's online rows and registry entries (other projects are untouched).
+
+    ``FeatureStore.teardown`` would empty the registry tables of *every* project sharing the
+    database, so tests and benchmarks clean up through this instead.
+    """
+    project = store.project
+    views = store.list_feature_views()
+    entities = store.list_entities()
+    store._get_provider().teardown_infra(project, views, entities)
+    store.delete_project(project)

@@ -27,8 +27,8 @@ class Interactions:
     def from_purchases(cls, purchases: pd.DataFrame) -> Interactions:
         users = pd.Index(np.sort(purchases["user_id"].astype(str).unique()))
         items = pd.Index(np.sort(purchases["item_id"].astype(str).unique()))
-        r = users.get_indexer(purchases["user_id"].astype(str))
-        c = items.get_indexer(purchases["item_id"].astype(str))
+        r = users.get_indexer(pd.Index(purchases["user_id"].astype(str)))
+        c = items.get_indexer(pd.Index(purchases["item_id"].astype(str)))
         counts = sp.csr_matrix((np.ones(len(r), np.float32), (r, c)), shape=(len(users), len(items)))
         return cls(users, items, counts)
 
@@ -70,7 +70,9 @@ def top_k_lists(
     )
 
 
-def most_popular(data: Interactions, users: Sequence[str], k: int = 10, exclude_bought: bool = False) -> pd.DataFrame:
+def most_popular(
+    data: Interactions, users: Sequence[str], k: int = 10, exclude_bought: bool = False
+) -> pd.DataFrame:
     """The same list for everyone: items with the most distinct buyers."""
     scores = np.broadcast_to(data.popularity(), (len(users), len(data.items)))
     return top_k_lists(data, users, scores, k, exclude_bought)
@@ -88,8 +90,8 @@ def rebuy_then_popular(
     pop_scaled = pop / (pop.max() + 1.0)  # < 1: breaks ties, never beats one more purchase
     scores = np.broadcast_to(pop_scaled / 1e3, (len(users), len(data.items))).copy()
     known = rows >= 0
-    scores[np.flatnonzero(known)] += data.counts[rows[known]].toarray() + (data.counts[rows[known]].toarray() > 0) * (
-        pop_scaled[None, :]
+    scores[np.flatnonzero(known)] += (
+        data.counts[rows[known]].toarray() + (data.counts[rows[known]].toarray() > 0) * (pop_scaled[None, :])
     )
     return top_k_lists(data, users, scores, k, exclude_bought)
 

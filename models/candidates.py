@@ -16,17 +16,19 @@ from dataclasses import dataclass, field
 import numpy as np
 import scipy.sparse as sp
 
-from features.rec_features import RecState, Tier
+from features.rec_features import RecState, Tier, rows_dense, rows_graph
 
+# Priority order: small fixed quotas first, then co-purchase neighbours take what is left
+# of the budget (the source with the best recall), then popular items fill up.
 SOURCES: tuple[str, ...] = (
     "rebuy",
-    "co_purchase",
-    "co_view",
     "context",
+    "co_view",
     "style",
     "creator",
     "trending",
     "new",
+    "co_purchase",
     "popular",
 )
 SOURCE_CODE = {s: i for i, s in enumerate(SOURCES)}
@@ -41,13 +43,13 @@ class CandidateConfig:
     quotas: dict[str, int] = field(
         default_factory=lambda: {
             "rebuy": 150,
-            "co_purchase": 120,
-            "co_view": 40,
             "context": 60,
-            "style": 20,
-            "creator": 20,
-            "trending": 20,
+            "co_view": 40,
+            "style": 15,
+            "creator": 15,
+            "trending": 15,
             "new": 10,
+            "co_purchase": 300,
         }
     )
     new_item_days: float = 14.0
@@ -82,13 +84,11 @@ def _item_scores(state: RecState, config: CandidateConfig) -> dict[str, np.ndarr
     ok = state.item_active
     trend = np.where((st["item_pop_7d"] >= 2) & ok, st["item_trend"] * np.log1p(st["item_pop_7d"]), 0.0)
     fresh = state.item_created_days < config.new_item_days
-    new = np.where(fresh & ok, 1.0 + np.log1p(st["item_pop_all"]) + 1.0 / (1.0 + state.item_created_days), 0.0)
+    new = np.where(
+        fresh & ok, 1.0 + np.log1p(st["item_pop_all"]) + 1.0 / (1.0 + state.item_created_days), 0.0
+    )
     popular = np.where(ok, st["item_pop_30d"] + 1e-3 * st["item_pop_all"] + 1e-6, 0.0)
     return {"trending": trend, "new": new, "popular": popular}
-
-
-def _dense(m: sp.csr_matrix) -> np.ndarray:
-    return np.asarray(m.toarray(), dtype=np.float64)
 
 
 def _personal_scores(
@@ -101,18 +101,19 @@ def _personal_scores(
     out = np.zeros((len(rows), state.n_items))
     r = rows[known]
     if source == "rebuy":
-        out[known] = _dense(state.buys_decay[r])
-    elif source == "co_purchase":
-        out[known] = _dense(state.buys_decay[r] @ state.copurchase)
+        out[known] = rows_dense(state.buys_decay, r)
+    elif source == "co_purchase":  # EASE weights, cosine neighbours as a tie-breaker
+        ease = rows_graph(state.bought, r, state.ease)
+        out[known] = ease + 1e-3 * rows_graph(state.buys_decay, r, state.copurchase)
     elif source == "co_view":
         if state.coview.nnz == 0:
             return None
-        out[known] = _dense(state.views_decay[r] @ state.coview)
+        out[known] = rows_graph(state.views_decay, r, state.coview)
     elif source == "style":
-        aff = _dense(state.style_aff[r])[:, state.item_style]
+        aff = rows_dense(state.style_aff, r)[:, state.item_style]
         out[known] = aff * np.log1p(state.item_stats["item_pop_30d"])[None, :]
     elif source == "creator":
-        aff = _dense(state.creator_aff[r])[:, state.item_creator]
+        aff = rows_dense(state.creator_aff, r)[:, state.item_creator]
         freshness = 1.0 / (1.0 + state.item_created_days / 30.0)
         out[known] = aff * (freshness + 0.1 * np.log1p(state.item_stats["item_pop_30d"]))[None, :]
     return out
@@ -125,7 +126,7 @@ def _context_scores(state: RecState, context: np.ndarray) -> np.ndarray | None:
         return None
     c = context[has]
     out = np.zeros((len(context), state.n_items))
-    graph = _dense(state.copurchase[c]) + _dense(state.coview[c])
+    graph = rows_dense(state.copurchase, c) + rows_dense(state.coview, c)
     same_style = state.item_style[None, :] == state.item_style[c][:, None]
     pop = np.log1p(state.item_stats["item_pop_30d"])[None, :]
     out[has] = graph + 1e-3 * same_style * (1.0 + pop)
@@ -133,7 +134,9 @@ def _context_scores(state: RecState, context: np.ndarray) -> np.ndarray | None:
     return out
 
 
-def _take_top(scores: np.ndarray, taken: np.ndarray, quota: np.ndarray | int) -> tuple[np.ndarray, np.ndarray]:
+def _take_top(
+    scores: np.ndarray, taken: np.ndarray, quota: np.ndarray | int
+) -> tuple[np.ndarray, np.ndarray]:
     """Best positive-scored, not yet taken items per row, at most `quota` (scalar or per row)."""
     s = np.where(taken, 0.0, scores)
     q = np.broadcast_to(np.asarray(quota), (s.shape[0],))
@@ -141,8 +144,10 @@ def _take_top(scores: np.ndarray, taken: np.ndarray, quota: np.ndarray | int) ->
     if qmax <= 0:
         return np.empty(0, np.int64), np.empty(0, np.int64)
     qmax = min(qmax, s.shape[1])
-    part = np.argpartition(-s, qmax - 1, axis=1)[:, :qmax] if qmax < s.shape[1] else np.tile(
-        np.arange(s.shape[1]), (s.shape[0], 1)
+    part = (
+        np.argpartition(-s, qmax - 1, axis=1)[:, :qmax]
+        if qmax < s.shape[1]
+        else np.tile(np.arange(s.shape[1]), (s.shape[0], 1))
     )
     vals = np.take_along_axis(s, part, axis=1)
     order = np.argsort(-vals, axis=1, kind="stable")
@@ -182,7 +187,11 @@ def generate(
         taken = np.broadcast_to(inactive, (len(rows), state.n_items)).copy()
         if exclude is not None:
             block = exclude[start : start + cfg.chunk]
-            taken |= block.toarray().astype(bool) if sp.issparse(block) else np.asarray(block, dtype=bool)
+            taken |= (
+                sp.csr_matrix(block).toarray().astype(bool)
+                if sp.issparse(block)
+                else np.asarray(block, dtype=bool)
+            )
         count = np.zeros(len(rows), dtype=np.int64)
         for source in SOURCES:
             if source == "popular":

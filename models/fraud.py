@@ -81,7 +81,8 @@ class FraudParams:
 class Calibrator(Protocol):
     """Maps the booster's raw score (log-odds) to a probability, monotonically."""
 
-    kind: str
+    @property
+    def kind(self) -> str: ...
 
     def __call__(self, raw: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]: ...
 
@@ -170,7 +171,7 @@ class FitReport:
     valid_score: dict[str, float] = field(default_factory=dict)
 
 
-class FraudModel(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
+class FraudModel(ClassifierMixin, BaseEstimator):
     """LightGBM fraud classifier with time-ordered early stopping and calibration.
 
     ``fit(X_train, y_train, X_valid, y_valid)``: the booster learns on the train slice and stops
@@ -237,7 +238,6 @@ class FraudModel(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
         else:
             xc, yc = xv, yv
         self.calibrator_ = fit_calibrator(p.calibration, self.raw_score(xc), yc)
-        self._row_booster: lgb.Booster | None = None
         score = {k: float(v) for k, v in booster.best_score.get("valid", {}).items()}
         self.fit_report_ = FitReport(best, pos_weight, yt.size, pos, yv.size, int(yv.sum()), yc.size, score)
         return self
@@ -251,7 +251,8 @@ class FraudModel(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
 
     def predict_proba(self, X: Matrix) -> npt.NDArray[np.float64]:
         """Calibrated probabilities, shape (n, 2): column 1 is P(fraud)."""
-        p = self.calibrator_(self.raw_score(X))
+        raw = self.raw_score(X)  # checks the model is fitted
+        p = self.calibrator_(raw)
         return np.column_stack([1.0 - p, p])
 
     def predict(self, X: Matrix, threshold: float = 0.5) -> npt.NDArray[np.int64]:
@@ -262,20 +263,14 @@ class FraudModel(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
     def score_row(self, row: npt.ArrayLike) -> float:
         """Calibrated P(fraud) of one payment, features in ``feature_names_`` order.
 
-        Uses a one-thread copy of the Booster on a NumPy row: no DataFrame, no sklearn wrapper.
+        Calls the Booster directly on a NumPy row with one thread: no DataFrame, no sklearn
+        wrapper, no OpenMP fan-out (field notes: p99 spikes with default threading).
         """
         self._check_fitted()
-        booster = self._row_booster
-        if booster is None:
-            booster = lgb.Booster(
-                model_str=self.booster_.model_to_string(num_iteration=self.best_iteration_),
-                params={"num_threads": 1},
-            )
-            self._row_booster = booster
         x = np.asarray(row, dtype=np.float64).reshape(1, -1)
         if x.shape[1] != len(self.feature_names_):
             raise FraudModelError(f"expected {len(self.feature_names_)} features, got {x.shape[1]}")
-        raw = booster.predict(x, raw_score=True)
+        raw = self.booster_.predict(x, num_iteration=self.best_iteration_, raw_score=True, num_threads=1)
         return float(self.calibrator_(np.asarray(raw, dtype=np.float64))[0])
 
     # persistence helpers ------------------------------------------------------------------
@@ -292,7 +287,6 @@ class FraudModel(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
         model.best_iteration_ = booster.current_iteration()
         model.feature_names_ = list(booster.feature_name())
         model.calibrator_ = calibrator_from_dict(calibrator) if isinstance(calibrator, dict) else calibrator
-        model._row_booster = None
         return model
 
     def feature_importance(self, importance_type: str = "gain") -> dict[str, float]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -80,7 +81,9 @@ def calibration_error(y_true: ArrayLike, probability: ArrayLike, n_bins: int = 1
 
 
 def recall_per_pattern(
-    pattern: Sequence[str | None] | pd.Series, flagged: ArrayLike, none_values: Sequence[str] = ("none",)
+    pattern: Sequence[str | None] | pd.Series | npt.NDArray[Any],
+    flagged: ArrayLike,
+    none_values: Sequence[str] = ("none",),
 ) -> dict[str, float]:
     """Share of each planted fraud pattern's payments that were flagged (ground truth: evaluation only)."""
     pat = pd.Series(pattern, dtype="object").reset_index(drop=True)
@@ -139,7 +142,7 @@ def card_precision_at_k(
         top = ranked.head(k)
         caught = top.loc[top["y"] == 1, "card"]
         per_day.append(len(caught) / k)
-        days.append(int(d))  # type: ignore[call-overload]
+        days.append(int(d))  # type: ignore[arg-type]
         if remove_detected:
             detected.update(caught.tolist())
     if not per_day:

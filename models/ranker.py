@@ -28,7 +28,7 @@ def _group_sizes(group: Sequence[int] | np.ndarray, n: int) -> np.ndarray:
     return sizes
 
 
-class LambdaRanker(BaseEstimator):  # type: ignore[misc]
+class LambdaRanker(BaseEstimator):
     """Learning-to-rank by lambdarank (nDCG); `group` gives the consecutive rows of each request."""
 
     def __init__(
@@ -40,6 +40,7 @@ class LambdaRanker(BaseEstimator):  # type: ignore[misc]
         feature_fraction: float = 0.8,
         bagging_fraction: float = 0.8,
         lambda_l2: float = 1.0,
+        max_bin: int = 63,
         truncation_level: int = 20,
         early_stopping_rounds: int = 30,
         random_state: int = 0,
@@ -52,6 +53,7 @@ class LambdaRanker(BaseEstimator):  # type: ignore[misc]
         self.feature_fraction = feature_fraction
         self.bagging_fraction = bagging_fraction
         self.lambda_l2 = lambda_l2
+        self.max_bin = max_bin
         self.truncation_level = truncation_level
         self.early_stopping_rounds = early_stopping_rounds
         self.random_state = random_state
@@ -69,6 +71,7 @@ class LambdaRanker(BaseEstimator):  # type: ignore[misc]
             "bagging_fraction": self.bagging_fraction,
             "bagging_freq": 1 if self.bagging_fraction < 1 else 0,
             "lambda_l2": self.lambda_l2,
+            "max_bin": self.max_bin,
             "lambdarank_truncation_level": self.truncation_level,
             "seed": self.random_state,
             "deterministic": True,
@@ -93,11 +96,14 @@ class LambdaRanker(BaseEstimator):  # type: ignore[misc]
         if len(names) != X.shape[1]:
             raise RankerError(f"{len(names)} feature names for {X.shape[1]} columns")
         train = lgb.Dataset(X, y, group=_group_sizes(group, len(X)), feature_name=names, free_raw_data=True)
-        valid_sets, callbacks = [], []
+        valid_sets: list[lgb.Dataset] = []
+        callbacks: list[Any] = []
         if eval_set is not None:
             Xv, yv, gv = eval_set
             Xv = np.asarray(Xv, dtype=np.float32)
-            valid = lgb.Dataset(Xv, np.asarray(yv).astype(np.int32), group=_group_sizes(gv, len(Xv)), reference=train)
+            valid = lgb.Dataset(
+                Xv, np.asarray(yv).astype(np.int32), group=_group_sizes(gv, len(Xv)), reference=train
+            )
             valid_sets = [valid]
             callbacks = [lgb.early_stopping(self.early_stopping_rounds, verbose=False)]
         self.booster_ = lgb.train(
@@ -145,7 +151,7 @@ class LambdaRanker(BaseEstimator):  # type: ignore[misc]
     def load(cls, path: Path) -> LambdaRanker:
         if not Path(path).exists():
             raise RankerError(f"no ranker model at {path}")
-        booster = lgb.Booster(model_file=str(path), params={"num_threads": 1})
+        booster = lgb.Booster(model_file=str(path))
         return cls.from_booster(booster)
 
     @classmethod

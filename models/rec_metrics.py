@@ -16,7 +16,10 @@ class RankMetricError(ValueError):
 
 
 def _check(recs: pd.DataFrame, relevant: pd.DataFrame) -> None:
-    for name, df, cols in (("recs", recs, {"user", "item", "rank"}), ("relevant", relevant, {"user", "item"})):
+    for name, df, cols in (
+        ("recs", recs, {"user", "item", "rank"}),
+        ("relevant", relevant, {"user", "item"}),
+    ):
         missing = cols - set(df.columns)
         if missing:
             raise RankMetricError(f"{name}: missing columns {sorted(missing)}")

@@ -9,6 +9,7 @@ is loaded, and a newly promoted champion is picked up by polling or `aipic model
 from __future__ import annotations
 
 import logging
+import traceback
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
@@ -125,7 +126,9 @@ def create_app(
     @app.exception_handler(Exception)
     async def on_error(request: Request, exc: Exception) -> JSONResponse:
         route = getattr(request.scope.get("route"), "path", "unmatched")
-        log.error("unhandled %s on %s %s", type(exc).__name__, request.method, route, exc_info=exc)
+        # frames only: an exception's message can quote request values or SQL parameters
+        frames = "".join(traceback.format_tb(exc.__traceback__)[-5:])
+        log.error("unhandled %s on %s %s\n%s", type(exc).__name__, request.method, route, frames)
         return JSONResponse(status_code=500, content={"detail": "internal error"})
 
     app.add_middleware(GuardMiddleware, metrics=svc.metrics, max_body_bytes=s.max_body_bytes)

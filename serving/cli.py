@@ -10,6 +10,7 @@ import typer
 
 from features.cli import data_app, features_app
 from features.privacy.cli import privacy_app
+from serving.bench_cli import bench_app
 from serving.serve_cli import auth_app, models_app, serve
 from training.cli import train_app
 
@@ -25,6 +26,7 @@ app.add_typer(privacy_app, name="privacy")
 app.add_typer(auth_app, name="auth")
 app.add_typer(models_app, name="models")
 app.command("serve")(serve)
+app.add_typer(bench_app, name="bench")
 
 
 if __name__ == "__main__":  # pragma: no cover

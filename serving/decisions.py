@@ -153,11 +153,31 @@ def ensure_tables(engine: Engine) -> None:
 @dataclass
 class _Pending:
     row: dict[str, Any]
+    review: dict[str, Any] | None
     done: asyncio.Future[None]
 
 
+def policy_review(decision_id: str, subject_id: str, origin: str) -> dict[str, Any]:
+    """An open review row for a decision the policy or the model sends to a human."""
+    return {
+        "id": new_id(),
+        "decision_id": decision_id,
+        "subject_id": subject_id,
+        "origin": origin,
+        "statement": None,
+        "status": "open",
+        "requested_at": now_utc(),
+        "resolved_at": None,
+        "reviewer": None,
+        "resolution": None,
+        "resolution_note": None,
+        "resolution_decision_id": None,
+    }
+
+
 class DecisionWriter:
-    """Group commit of decision rows: one transaction per batch, every caller awaits its commit."""
+    """Group commit of decision rows (and the reviews they open): one transaction per batch; every
+    caller awaits its own commit."""
 
     def __init__(self, engine: Engine, max_batch: int = 500) -> None:
         self.engine = engine
@@ -167,15 +187,15 @@ class DecisionWriter:
         self._loop: asyncio.AbstractEventLoop | None = None
         self.written = 0
 
-    async def write(self, row: dict[str, Any]) -> None:
-        """Insert one decision row; returns once it is committed (raises if the insert failed)."""
+    async def write(self, row: dict[str, Any], review: dict[str, Any] | None = None) -> None:
+        """Insert one decision row (and its review); returns once committed (raises if it failed)."""
         loop = asyncio.get_running_loop()
         if self._queue is None or self._task is None or self._task.done() or self._loop is not loop:
             self._loop = loop  # one writer task per event loop (tests may run the app on several)
             self._queue = asyncio.Queue()
             self._task = asyncio.create_task(self._run(self._queue), name="decision-writer")
         fut: asyncio.Future[None] = loop.create_future()
-        await self._queue.put(_Pending(row, fut))
+        await self._queue.put(_Pending(row, review, fut))
         await fut
 
     async def _run(self, queue: asyncio.Queue[_Pending]) -> None:
@@ -184,7 +204,9 @@ class DecisionWriter:
             while not queue.empty() and len(batch) < self.max_batch:
                 batch.append(queue.get_nowait())
             try:
-                await anyio.to_thread.run_sync(self._insert, [p.row for p in batch])
+                await anyio.to_thread.run_sync(
+                    self._insert, [p.row for p in batch], [p.review for p in batch if p.review is not None]
+                )
             except Exception as exc:  # every waiting request gets the error, the loop goes on
                 for p in batch:
                     if not p.done.done():
@@ -195,9 +217,11 @@ class DecisionWriter:
                 if not p.done.done():
                     p.done.set_result(None)
 
-    def _insert(self, rows: list[dict[str, Any]]) -> None:
+    def _insert(self, rows: list[dict[str, Any]], reviews: list[dict[str, Any]]) -> None:
         with self.engine.begin() as conn:
             conn.execute(insert(DecisionRecord), rows)
+            if reviews:
+                conn.execute(insert(ReviewRecord), reviews)
 
     async def close(self) -> None:
         if self._task is not None:
@@ -294,20 +318,7 @@ class DecisionStore:
                     )
                     return {**existing, "statement": note, "origin": "person"}
                 return dict(existing)
-            row = {
-                "id": new_id(),
-                "decision_id": decision_id,
-                "subject_id": subject_id,
-                "origin": origin,
-                "statement": statement,
-                "status": "open",
-                "requested_at": now_utc(),
-                "resolved_at": None,
-                "reviewer": None,
-                "resolution": None,
-                "resolution_note": None,
-                "resolution_decision_id": None,
-            }
+            row = {**policy_review(decision_id, subject_id, origin), "statement": statement}
             conn.execute(insert(ReviewRecord), [row])
         return row
 

@@ -12,6 +12,7 @@ identity, use a card registered to you) - never a threshold or an amount to stay
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -115,8 +116,28 @@ def format_value(fdef: FeatureDef | None, value: float | None) -> str:
     return f"{value:.3g}"
 
 
+_UNITS = {"m": "minutes", "h": "hours", "d": "days"}
+_WINDOW = re.compile(r"\b(\d+)([mhd])\b")
+MAX_LISTED = 8
+
+
+def plain(text: str) -> str:
+    """Feature wording for people: "the 24h" -> "the 24 hours", "1h" -> "1 hour"."""
+
+    def unit(m: re.Match[str]) -> str:
+        n, u = m.group(1), _UNITS[m.group(2)]
+        return f"{n} {u[:-1] if n == '1' else u}"
+
+    return _WINDOW.sub(unit, text)
+
+
+def _listed(names: Sequence[str]) -> str:
+    shown = ", ".join(names[:MAX_LISTED])
+    return shown if len(names) <= MAX_LISTED else f"{shown} and {len(names) - MAX_LISTED} more"
+
+
 def _statement(fdef: FeatureDef | None, name: str, value: float | None, effect: str, purpose: str) -> str:
-    what = fdef.description.rstrip(".") if fdef else name
+    what = plain(fdef.description.rstrip(".")) if fdef else name
     target = "the estimated fraud risk" if purpose == "fraud_detection" else "the ranking of this picture"
     return f"{what}: yours was {format_value(fdef, value)}. This {effect} {target}."
 
@@ -365,9 +386,7 @@ def build(
         legal_basis=legal_basis,
         logic=logic,
         principal_reasons=reasons,
-        data_used=[
-            CategoryUse(category=c, why=f"input of: {', '.join(ns)}") for c, ns in sorted(used.items())
-        ],
+        data_used=[CategoryUse(category=c, why=f"input of: {_listed(ns)}") for c, ns in sorted(used.items())],
         data_not_used=_not_used(registry, purpose, used, gate, bool(decision["degraded"])),
         what_would_change_it=changes,
         tier=tier,

@@ -119,8 +119,27 @@ class Services:
             self.startup_error = f"model load failed: {exc}"
         self.profiles.load(self.settings.events_dir)
         self.refresh_recommender()
+        self._warm_online()
         self._publish_models()
         self.update_readiness()
+
+    def _warm_online(self) -> None:
+        """One read of a made-up payment: the first real request then finds the store connected."""
+        import datetime as dt
+
+        if self.online is None:
+            return
+        probe = {
+            "payment_id": "warm-up",
+            "user_id": "warm-up",
+            "item_ids": [],
+            "payment_time": dt.datetime.now(dt.UTC),
+            "kind": "purchase",
+            "amount": 1.0,
+            "currency": "EUR",
+        }
+        fallback = self.models.current.bundles.get("fraud-request_only")
+        self.online.payment_vector(probe, fallback.feature_names if fallback else ["amount"])
 
     def refresh_recommender(self) -> None:
         current = self.models.current

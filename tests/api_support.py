@@ -208,22 +208,45 @@ def _scratch_root(shared: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def world(tmp_path_factory: pytest.TempPathFactory) -> World:
-    """Built once per test run: xdist workers share it (file lock), models are read-only."""
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    """Built once per test run: xdist workers share it (file lock), models are read-only.
+
+    A use count kept under the same lock lets the last worker out delete it (it may sit in RAM).
+    """
     base = tmp_path_factory.getbasetemp()
     shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
     root = _scratch_root(shared)
-    with open(shared / "api-world.lock", "w") as lock:
+    lock_path = shared / "api-world.lock"
+    with _locked(lock_path):
+        if not (root / "READY").exists():
+            shutil.rmtree(root, ignore_errors=True)
+            root.mkdir(parents=True)
+            build_world(root)
+            (root / "READY").touch()
+        _add_user(root, +1)
+    try:
+        yield load_world(root)
+    finally:
+        with _locked(lock_path):
+            if _add_user(root, -1) <= 0:
+                shutil.rmtree(root, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    with open(path, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
-            if not (root / "READY").exists():
-                shutil.rmtree(root, ignore_errors=True)
-                root.mkdir(parents=True)
-                build_world(root)
-                (root / "READY").touch()
+            yield
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
-    return load_world(root)
+
+
+def _add_user(root: Path, delta: int) -> int:
+    counter = root / "USERS"
+    n = int(counter.read_text()) if counter.exists() else 0
+    counter.write_text(str(n + delta))
+    return n + delta
 
 
 class FlakySource:

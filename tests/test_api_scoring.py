@@ -70,7 +70,7 @@ def test_tier_follows_consent_and_restriction_goes_to_a_human(api: Api) -> None:
 
 
 def test_degraded_when_the_online_store_is_down_and_recovers(api_factory: Callable[..., Any]) -> None:
-    with api_factory(online_retry_seconds=0.3) as api:
+    with api_factory(online_retry_seconds=1.5) as api:
         headers = api.key("score")
         body = api.payment_body(str(api.world.frame["payment_id"].iloc[5]))
         api.source.down = True
@@ -84,7 +84,7 @@ def test_degraded_when_the_online_store_is_down_and_recovers(api_factory: Callab
         metrics = api.client.get("/metrics").text
         assert 'aipic_degraded_total{endpoint="score"}' in metrics
         api.source.down = False
-        time.sleep(0.35)
+        time.sleep(1.6)
         back = api.client.post("/v1/payments/score", json=body, headers=headers).json()
         assert back["degraded"] is False
         assert api.client.get("/readyz").json()["online_store"] is True

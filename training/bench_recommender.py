@@ -113,7 +113,11 @@ class Split:
     users: list[str]  # persons in both periods
 
     def relevant(self, mode: str) -> pd.DataFrame:
-        rel = self.test[["user_id", "item_id"]].drop_duplicates().rename(columns={"user_id": "user", "item_id": "item"})
+        rel = (
+            self.test[["user_id", "item_id"]]
+            .drop_duplicates()
+            .rename(columns={"user_id": "user", "item_id": "item"})
+        )
         rel = rel[rel["user"].isin(set(self.users))]
         if mode == "new":
             seen = self.train[["user_id", "item_id"]].drop_duplicates()
@@ -123,7 +127,9 @@ class Split:
         return rel
 
 
-def split(events: RecEvents, train_end: pd.Timestamp, test_end: pd.Timestamp, max_users: int | None, seed: int) -> Split:
+def split(
+    events: RecEvents, train_end: pd.Timestamp, test_end: pd.Timestamp, max_users: int | None, seed: int
+) -> Split:
     inter = events.interactions
     times = pd.to_datetime(inter["event_time"], utc=True)
     cols = ["user_id", "item_id", "event_time"]
@@ -156,7 +162,9 @@ def run_baselines(sp: Split, k: int, step: Callable[[str], Any]) -> dict[str, di
     return out
 
 
-def _windows(train_end: pd.Timestamp, length: pd.Timedelta, n: int) -> list[tuple[pd.Timestamp, pd.Timestamp]]:
+def _windows(
+    train_end: pd.Timestamp, length: pd.Timedelta, n: int
+) -> list[tuple[pd.Timestamp, pd.Timestamp]]:
     """`n` consecutive (cutoff, label_end) windows, the last one ending at `train_end`."""
     return [(train_end - (i + 1) * length, train_end - i * length) for i in reversed(range(n))]
 
@@ -235,7 +243,10 @@ def run(config: BenchConfig, progress: bool = True, events: RecEvents | None = N
     from rich.console import Console
 
     console = Console(stderr=True, quiet=not progress)
-    train_end, test_end = _utc(config.train_end), _utc(config.test_end)
+    try:
+        train_end, test_end = _utc(config.train_end), _utc(config.test_end)
+    except ValueError as exc:
+        raise BenchError(f"invalid date (want YYYY-MM-DD): {exc}") from None
     if test_end <= train_end:
         raise BenchError(f"--test-end {config.test_end} must be after --train-end {config.train_end}")
     started = time.perf_counter()
@@ -248,7 +259,10 @@ def run(config: BenchConfig, progress: bool = True, events: RecEvents | None = N
         console.log(f"{label}: {time.perf_counter() - t:.1f} s")
 
     if events is None:
-        with tempfile.TemporaryDirectory(prefix="aipic-retail-") as tmp, step("import Online Retail into event tables"):
+        with (
+            tempfile.TemporaryDirectory(prefix="aipic-retail-") as tmp,
+            step("import Online Retail into event tables"),
+        ):
             events = load_events(Path(config.data), Path(tmp))
     sp_ = split(events, train_end, test_end, config.max_users, config.seed)
     catalogue = sp_.train["item_id"].nunique()
@@ -280,7 +294,10 @@ def run(config: BenchConfig, progress: bool = True, events: RecEvents | None = N
         result[name] = row
     with step("latency of one request"):
         rec = Recommender(
-            state, {"personalized": rankers["all"]}, BusinessRules(allow_repeats=True, max_per_creator=None), cand_cfg
+            state,
+            {"personalized": rankers["all"]},
+            BusinessRules(allow_repeats=True, max_per_creator=None),
+            cand_cfg,
         )
         result["latency"] = measure_latency(rec, sp_.users, config.latency_requests, config.seed)
     result["protocol"] = {
@@ -309,7 +326,12 @@ def print_table(result: dict[str, Any], k: int = K) -> None:
             name,
             *(
                 f"{r[key]:.4f}"
-                for key in (f"ndcg_at_{k}_all", f"ndcg_at_{k}_new", f"recall_at_{k}_all", f"recall_at_{k}_new")
+                for key in (
+                    f"ndcg_at_{k}_all",
+                    f"ndcg_at_{k}_new",
+                    f"recall_at_{k}_all",
+                    f"recall_at_{k}_new",
+                )
             ),
             f"{r['coverage']:.3f}",
         )

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import datetime as dt
+from typing import Any
 
+import anyio
 from fastapi import APIRouter, HTTPException, status
 
 from features.privacy.gate import decide
@@ -12,6 +14,7 @@ from serving.deps import RecommendCaller, ServicesDep
 from serving.modelset import hash_of
 from serving.recsys import RecommenderUnavailable
 from serving.schemas import ModelRef, RecommendationIn, RecommendationOut, RecommendedItem
+from serving.services import Services
 
 router = APIRouter(prefix="/v1", tags=["recommendations"])
 
@@ -31,7 +34,22 @@ PURPOSE = "personalised_recommendations"
 async def recommendations(
     body: RecommendationIn, svc: ServicesDep, _caller: RecommendCaller
 ) -> RecommendationOut:
-    from models.recommend import RecommendError, RecRequest
+    from models.recommend import RecommendError
+
+    try:  # gate (ledger round trips) and ranking (CPU) off the event loop
+        out, row = await anyio.to_thread.run_sync(decide_recommendation, svc, body)
+    except RecommenderUnavailable as exc:
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, detail=str(exc)) from None
+    except RecommendError as exc:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=str(exc)) from None
+    await svc.writer.write(row)
+    svc.metrics.decisions.labels(PURPOSE, "recommended", out.tier).inc()
+    return out
+
+
+def decide_recommendation(svc: Services, body: RecommendationIn) -> tuple[RecommendationOut, dict[str, Any]]:
+    """Gate -> tier -> shared recommend function -> answer and the decision row to log."""
+    from models.recommend import RecRequest
 
     now = dt.datetime.now(dt.UTC)
     gate = decide(body.user_id, PURPOSE, now, svc.ledger, svc.profiles.profile(body.user_id), svc.registry)
@@ -47,13 +65,7 @@ async def recommendations(
         context_item_id=body.context.item_id,
         exclude_item_ids=frozenset(body.context.exclude_item_ids),
     )
-    try:
-        logged = svc.recommender.recommend_logged(request)
-    except RecommenderUnavailable as exc:
-        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, detail=str(exc)) from None
-    except RecommendError as exc:
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=str(exc)) from None
-
+    logged = svc.recommender.recommend_logged(request)
     decision_id = new_id()
     bundle = logged.bundle
     items = [
@@ -69,31 +81,28 @@ async def recommendations(
         model=ModelRef(name=bundle.name, version=bundle.version),
         degraded=False,
     )
-    await svc.writer.write(
-        {
-            "id": decision_id,
-            "subject_id": body.user_id,
-            "kind": "recommendation",
-            "reference_id": None,
-            "purpose": PURPOSE,
-            "tier": tier,
-            "degraded": False,
-            "model_name": bundle.name,
-            "model_version": bundle.version,
-            "model_hash": hash_of(bundle),
-            "feature_names": logged.feature_names,
-            "vectors": [json_floats(row) for row in logged.vectors.tolist()],
-            "raw_scores": logged.raw_scores.tolist(),
-            "probability": None,
-            "thresholds": None,
-            "outcome": "recommended",
-            "source": "automated",
-            "human_review_required": False,
-            "consent_snapshot": snapshot,
-            "output": out.model_dump(mode="json", exclude={"decision_id"}),
-            "supersedes": None,
-            "created_at": now,
-        }
-    )
-    svc.metrics.decisions.labels(PURPOSE, "recommended", tier).inc()
-    return out
+    row = {
+        "id": decision_id,
+        "subject_id": body.user_id,
+        "kind": "recommendation",
+        "reference_id": None,
+        "purpose": PURPOSE,
+        "tier": tier,
+        "degraded": False,
+        "model_name": bundle.name,
+        "model_version": bundle.version,
+        "model_hash": hash_of(bundle),
+        "feature_names": logged.feature_names,
+        "vectors": [json_floats(row) for row in logged.vectors.tolist()],
+        "raw_scores": logged.raw_scores.tolist(),
+        "probability": None,
+        "thresholds": None,
+        "outcome": "recommended",
+        "source": "automated",
+        "human_review_required": False,
+        "consent_snapshot": snapshot,
+        "output": out.model_dump(mode="json", exclude={"decision_id"}),
+        "supersedes": None,
+        "created_at": now,
+    }
+    return out, row
