@@ -84,20 +84,69 @@ def evaluate_fraud_cmd(events: EventsOpt = None, tier: TierOpt = "all") -> None:
     typer.echo(to_json(out))
 
 
-@train_app.command("promote")
-def promote_cmd(
-    events: EventsOpt = None,
-    model: Annotated[
-        str, typer.Option("--model", help="Registered model name (fraud-full, ...) or 'all'.")
-    ] = "all",
-) -> None:
-    """Promote each challenger that beats its champion on the same held-out window."""
-    from training.fraud import promote_fraud, to_json
-    from training.fraud_data import TrainingDataError
+@train_app.command("recommender")
+def recommender_cmd(events: EventsOpt = None, tier: TierOpt = "all") -> None:
+    """Train one ranker per recommendation tier; print a JSON summary (versions, metrics)."""
+    from training.fraud import to_json
+    from training.recommender import RecTrainingError, rec_tiers, train_recommender
 
     path = _events(events)
     try:
-        out = promote_fraud(path, model, progress=_say)
+        out = train_recommender(path, _tiers(tier, rec_tiers()), progress=_say)
+    except RecTrainingError as exc:
+        raise _fail(str(exc)) from None
+    typer.echo(to_json(out))
+
+
+@train_app.command("evaluate-recommender")
+def evaluate_recommender_cmd(events: EventsOpt = None, tier: TierOpt = "all") -> None:
+    """Score each ranker champion and popularity on the current held-out window; print JSON."""
+    from training.fraud import to_json
+    from training.recommender import evaluate_champions, rec_tiers
+
+    path = _events(events)
+    try:
+        out = evaluate_champions(path, _tiers(tier, rec_tiers()))
+    except LookupError as exc:
+        raise _fail(str(exc)) from None
+    typer.echo(to_json(out))
+
+
+@train_app.command("promote")
+def promote_cmd(
+    events: EventsOpt = None,
+    model: Annotated[str, typer.Option("--model", help="fraud-<tier>, recommender-<tier> or 'all'.")] = "all",
+) -> None:
+    """Promote each challenger that beats its champion on the same held-out window (both scored now)."""
+    from training.fraud import promote_fraud, to_json
+    from training.fraud_data import TrainingDataError
+    from training.recommender import promote_recommender
+
+    if not (model == "all" or model.startswith(("fraud-", "recommender-"))):
+        raise _fail(f"unknown model {model!r}: use fraud-<tier>, recommender-<tier> or all")
+    path = _events(events)
+    out = {}
+    try:
+        if model == "all" or model.startswith("fraud-"):
+            out.update(promote_fraud(path, model, progress=_say))
+        if model == "all" or model.startswith("recommender-"):
+            out.update(promote_recommender(path, model))
     except (TrainingDataError, LookupError) as exc:
         raise _fail(str(exc)) from None
     typer.echo(to_json(out))
+
+
+@train_app.command("all")
+def all_cmd(events: EventsOpt = None) -> None:
+    """Train every fraud tier and every recommendation tier (what `make run` does)."""
+    from training.fraud import to_json, train_fraud
+    from training.fraud_data import TrainingDataError, fraud_tiers
+    from training.recommender import RecTrainingError, rec_tiers, train_recommender
+
+    path = _events(events)
+    try:
+        fraud = train_fraud(path, fraud_tiers(), progress=_say)
+        recs = train_recommender(path, rec_tiers(), progress=_say)
+    except (TrainingDataError, RecTrainingError) as exc:
+        raise _fail(str(exc)) from None
+    typer.echo(to_json({"fraud": fraud, "recommender": recs}))
