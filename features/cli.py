@@ -113,7 +113,7 @@ def build_cmd(
     s = get_settings()
     events_dir = events or s.events_dir
     if not (events_dir / "payments.parquet").exists():
-        raise fail(f"{events_dir}/payments.parquet not found: run `aipic data simulate` or `aipic data import` first")
+        raise fail(f"{events_dir}/payments.parquet not found: simulate or import events first")
     with Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), TimeElapsedColumn(), transient=True
     ) as progress:

@@ -308,8 +308,20 @@ def teardown_project(store: FeatureStore) -> None:
     ``FeatureStore.teardown`` would empty the registry tables of *every* project sharing the
     database, so tests and benchmarks clean up through this instead.
     """
+    from feast.errors import ProjectNotFoundException, ProjectObjectNotFoundException
+
     project = store.project
     views = store.list_feature_views()
     entities = store.list_entities()
     store._get_provider().teardown_infra(project, views, entities)
-    store.delete_project(project)
+    # never applied: only the metadata row written when the registry was opened remains
+    with contextlib.suppress(ProjectNotFoundException, ProjectObjectNotFoundException):
+        store.delete_project(project)
+    engine = getattr(store.registry, "write_engine", None)
+    if engine is not None:  # SQL registry: that row would bring the project back on the next open
+        from feast.infra.registry.sql import feast_metadata, projects
+        from sqlalchemy import delete
+
+        with engine.begin() as conn:
+            for table in (feast_metadata, projects):
+                conn.execute(delete(table).where(table.c.project_id == project))
