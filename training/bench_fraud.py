@@ -142,7 +142,7 @@ def train_mask(times: pd.Series, fold: Fold) -> npt.NDArray[np.bool_]:
     return np.asarray((times >= fold.train_start) & (times < fold.train_end))
 
 
-def test_mask(
+def assessment_mask(
     times: pd.Series, card: pd.Series, fraud: pd.Series, fold: Fold, delay_days: int = DELAY_DAYS
 ) -> npt.NDArray[np.bool_]:
     """Test-window payments minus those of cards already known to be compromised that day.
@@ -255,83 +255,141 @@ def load_transactions(path: Path, max_cards: int | None = None, seed: int = 0) -
 
 # --------------------------------------------------------------------------- aipic inputs
 
-#: Seller-compromise inputs the payment pipeline lacks, computed here from the same event
-#: tables with the same rule (a dispute counts from its reported time, strictly before the
-#: payment): the handbook's lagged terminal windows, and how long ago the seller's earliest
-#: recent disputed sale happened (a compromise has a start; its age tells whether it is over).
+#: Seller-compromise inputs the payment pipeline lacks (it has all-time and trailing dispute
+#: counts, not their timing), computed from the same event tables. A sale is "matured" once
+#: ``delay`` days old; it counts as disputed when its dispute was reported within ``delay`` days
+#: of the sale, which is known for every matured sale: point-in-time correct by construction.
+#: - the handbook's lagged windows: matured sales in (t - delay - w, t - delay], disputed share;
+#: - the run of disputed sales at the end of the matured history, its length and age (a
+#:   compromised seller shows a run of disputes; its age tells whether the compromise is over);
+#: - disputed share of the last 5 matured sales, and days since the first disputed sale of the
+#:   last ``CREATOR_ONSET_LOOKBACK_DAYS`` days.
 CREATOR_LAG_WINDOWS = (1, 7, 30)
 CREATOR_ONSET_LOOKBACK_DAYS = 42
+CREATOR_RECENT_SALES = 5
 
 
-def creator_lag_feature_names(delay_days: int = DELAY_DAYS) -> list[str]:
+def creator_history_feature_names(delay_days: int = DELAY_DAYS) -> list[str]:
     out = []
     for w in CREATOR_LAG_WINDOWS:
         out += [f"creator_lag{delay_days}d_payments_{w}d", f"creator_lag{delay_days}d_dispute_share_{w}d"]
-    return [*out, "creator_days_since_first_recent_disputed_sale"]
+    return [
+        *out,
+        "creator_matured_last_disputed",
+        "creator_matured_disputed_run",
+        "creator_days_since_disputed_run_start",
+        f"creator_matured_dispute_share_last{CREATOR_RECENT_SALES}",
+        "creator_days_since_first_recent_disputed_sale",
+    ]
 
 
-def creator_lag_features(
-    events_dir: Path, delay_days: int = DELAY_DAYS, threads: int | None = None
+def creator_history_features(
+    time: pd.Series, creator: pd.Series, dispute_reported: pd.Series, delay_days: int = DELAY_DAYS
 ) -> pd.DataFrame:
-    """Per purchase: the seller's payments in (t - delay - w, t - delay] and the share of them
-    whose dispute was reported before t; days since the earliest of the seller's sales in the
-    last ``CREATOR_ONSET_LOOKBACK_DAYS`` days with a dispute reported before t.
+    """Seller-history inputs for every payment (see the block comment above), vectorised.
 
-    Vectorised DuckDB: RANGE frames for the counts, and an equi-join on the seller between
-    payments and disputed payments (few disputes per seller) for the known disputes.
+    ``dispute_reported`` is the reported time of each payment's dispute (NaT = none).
     """
-    import duckdb
-
-    from features.storage import table_path
-
-    pay, dis = table_path(events_dir, "payments"), table_path(events_dir, "disputes")
-    for path in (pay, dis):
-        if not path.exists():
-            raise BenchError(f"{path} not found: the import did not write it")
-    us = 86_400_000_000
-    lag = delay_days * us
-    lookback = max(max(CREATOR_LAG_WINDOWS) + delay_days, CREATOR_ONSET_LOOKBACK_DAYS) * us
-    con = duckdb.connect()
-    try:
-        if threads:
-            con.execute(f"SET threads = {int(threads)}")
-        con.execute(f"""
-            CREATE TEMP TABLE p AS SELECT payment_id, creator_id, epoch_us(payment_time) AS ts
-            FROM read_parquet('{pay}') WHERE kind = 'purchase' AND creator_id IS NOT NULL""")
-        con.execute(f"""
-            CREATE TEMP TABLE dp AS SELECT p.creator_id, p.ts AS pay_ts, min(epoch_us(d.reported_time)) AS rep_ts
-            FROM read_parquet('{dis}') d JOIN p USING (payment_id) GROUP BY p.creator_id, p.payment_id, p.ts""")
-        counts = ", ".join(
-            f"count(*) OVER (PARTITION BY creator_id ORDER BY ts RANGE BETWEEN {lag + w * us - 1} PRECEDING "
-            f"AND {lag} PRECEDING) AS n{w}"
-            for w in CREATOR_LAG_WINDOWS
+    t = time.to_numpy(dtype="datetime64[s]").astype(np.int64)
+    n = t.size
+    reported = dispute_reported.to_numpy(dtype="datetime64[s]")
+    rep = np.where(np.isnat(reported), np.iinfo(np.int64).max, reported.astype(np.int64))
+    disputed = (rep <= t + np.int64(delay_days) * DAY).astype(np.int64)
+    lookback = max(max(CREATOR_LAG_WINDOWS) + delay_days, CREATOR_ONSET_LOOKBACK_DAYS) + 1
+    order, keys, span = _sorted_keys(pd.factorize(creator)[0].astype(np.int64), t, np.int64(lookback) * DAY)
+    ts, q, idx = t[order], disputed[order], np.arange(n)
+    cq = np.concatenate([[0], np.cumsum(q)])
+    group_start = np.searchsorted(keys, (keys // span) * span, side="left")
+    matured_end = np.searchsorted(keys, keys - np.int64(delay_days) * DAY, side="right")  # rows [start, end)
+    cols: dict[str, npt.NDArray[np.float64]] = {}
+    for w in CREATOR_LAG_WINDOWS:
+        lo = np.searchsorted(keys, keys - np.int64(delay_days + w) * DAY, side="right")
+        count = (matured_end - lo).astype(np.float64)
+        bad = (cq[matured_end] - cq[lo]).astype(np.float64)
+        cols[f"creator_lag{delay_days}d_payments_{w}d"] = count
+        cols[f"creator_lag{delay_days}d_dispute_share_{w}d"] = np.divide(
+            bad, count, out=np.zeros(n), where=count > 0
         )
-        known = ", ".join(
-            f"count(*) FILTER (WHERE dp.pay_ts > p.ts - {lag + w * us} AND dp.pay_ts <= p.ts - {lag}) AS k{w}"
-            for w in CREATOR_LAG_WINDOWS
-        )
-        cols = []
-        for w in CREATOR_LAG_WINDOWS:
-            cols += [
-                f"c.n{w}::DOUBLE AS creator_lag{delay_days}d_payments_{w}d",
-                f"CASE WHEN c.n{w} > 0 THEN coalesce(k.k{w}, 0)::DOUBLE / c.n{w} ELSE 0 END "
-                f"AS creator_lag{delay_days}d_dispute_share_{w}d",
-            ]
-        cols.append(f"(c.ts - k.first_pay)::DOUBLE / {us} AS creator_days_since_first_recent_disputed_sale")
-        frame = con.execute(f"""
-            WITH c AS (SELECT payment_id, ts, {counts} FROM p),
-            k AS (
-              SELECT p.payment_id, {known},
-                     min(dp.pay_ts) FILTER (WHERE dp.pay_ts > p.ts - {CREATOR_ONSET_LOOKBACK_DAYS * us}) AS first_pay
-              FROM p JOIN dp ON dp.creator_id = p.creator_id
-              WHERE dp.rep_ts < p.ts AND dp.pay_ts > p.ts - {lookback}
-              GROUP BY p.payment_id
-            )
-            SELECT c.payment_id, {", ".join(cols)} FROM c LEFT JOIN k USING (payment_id)
-        """).df()
-    finally:
-        con.close()
-    return frame.set_index("payment_id")
+    last = matured_end - 1
+    has = last >= group_start
+    last = np.where(has, last, 0)
+    # length of the run of disputed sales ending at each row (reset at each seller's first row)
+    last_clean = np.maximum.accumulate(np.maximum(np.where(q == 0, idx, -1), group_start - 1))
+    run = np.where(has, (idx - last_clean)[last], 0)
+    cols["creator_matured_last_disputed"] = np.where(has, q[last], np.nan)
+    cols["creator_matured_disputed_run"] = np.where(has, run, np.nan)
+    run_start = np.clip(last - run + 1, 0, n - 1)
+    cols["creator_days_since_disputed_run_start"] = np.where(run > 0, (ts - ts[run_start]) / DAY, np.nan)
+    lo_k = np.maximum(matured_end - CREATOR_RECENT_SALES, group_start)
+    k = (matured_end - lo_k).astype(np.float64)
+    cols[f"creator_matured_dispute_share_last{CREATOR_RECENT_SALES}"] = np.divide(
+        (cq[matured_end] - cq[lo_k]).astype(np.float64), k, out=np.full(n, np.nan), where=k > 0
+    )
+    lo_onset = np.searchsorted(keys, keys - np.int64(CREATOR_ONSET_LOOKBACK_DAYS) * DAY, side="right")
+    next_disputed = np.minimum.accumulate(np.where(q == 1, idx, n)[::-1])[::-1]
+    first = next_disputed[np.minimum(lo_onset, n - 1)]
+    ok = (lo_onset < n) & (first < matured_end)
+    cols["creator_days_since_first_recent_disputed_sale"] = np.where(
+        ok, (ts - ts[np.clip(first, 0, n - 1)]) / DAY, np.nan
+    )
+    out = pd.DataFrame(index=time.index)
+    for name in creator_history_feature_names(delay_days):
+        values = np.empty(n)
+        values[order] = cols[name]
+        out[name] = values
+    return out
+
+
+#: Card inputs beside the pipeline's (which compares an amount with the previous 30 days only):
+#: the amount against the card's payments in (t - 60 d, t - 14 d], a baseline that a compromise
+#: of the last two weeks has not contaminated, and the amount over the pipeline's 7/30-day means
+#: as explicit ratios (trees split on ratios far better than on two separate columns).
+CARD_BASELINE_DAYS = (60, 14)
+
+
+def card_history_feature_names() -> list[str]:
+    return [
+        "card_amount_ratio_baseline",
+        "card_amount_zscore_baseline",
+        "card_payments_baseline",
+        "card_amount_ratio_mean_7d",
+        "card_amount_ratio_mean_30d",
+    ]
+
+
+def card_history_features(
+    time: pd.Series, card: pd.Series, amount: pd.Series, mean_7d: pd.Series, mean_30d: pd.Series
+) -> pd.DataFrame:
+    """The card inputs above for every payment, vectorised (NaN without a baseline)."""
+    t = time.to_numpy(dtype="datetime64[s]").astype(np.int64)
+    a = amount.to_numpy(dtype=np.float64)
+    n = t.size
+    far, near = CARD_BASELINE_DAYS
+    codes = pd.factorize(card)[0].astype(np.int64)  # -1 = no card: one group, blanked below
+    order, keys, _ = _sorted_keys(codes, t, np.int64(far + 1) * DAY)
+    x = a[order]
+    s1 = np.concatenate([[0.0], np.cumsum(x)])
+    s2 = np.concatenate([[0.0], np.cumsum(x * x)])
+    lo = np.searchsorted(keys, keys - np.int64(far) * DAY, side="right")
+    hi = np.maximum(np.searchsorted(keys, keys - np.int64(near) * DAY, side="right"), lo)
+    count = (hi - lo).astype(np.float64)
+    mean = np.divide(s1[hi] - s1[lo], count, out=np.full(n, np.nan), where=count > 0)
+    var = np.divide(s2[hi] - s2[lo], count, out=np.full(n, np.nan), where=count > 1) - mean * mean
+    std = np.sqrt(np.maximum(var, 0.0))
+    cols = {
+        "card_amount_ratio_baseline": np.divide(x, mean, out=np.full(n, np.nan), where=mean > 0),
+        "card_amount_zscore_baseline": np.divide(x - mean, std, out=np.full(n, np.nan), where=std > 0),
+        "card_payments_baseline": count,
+    }
+    out = pd.DataFrame(index=time.index)
+    for name, sorted_values in cols.items():
+        values = np.empty(n)
+        values[order] = sorted_values
+        out[name] = np.where(codes < 0, np.nan, values)
+    for w, m in (("7d", mean_7d), ("30d", mean_30d)):
+        mv = m.to_numpy(dtype=np.float64)
+        out[f"card_amount_ratio_mean_{w}"] = np.divide(a, mv, out=np.full(n, np.nan), where=mv > 0)
+    return out
 
 
 # --------------------------------------------------------------------------- the run
@@ -462,31 +520,38 @@ def aipic_frame(
         threads=threads,
         on_step=lambda name, k, n: step(f"payment features: {name} ({k + 1}/{n + 1})"),
     )
-    step("seller lag features")
-    lag = creator_lag_features(events, threads=threads)
+    step("seller history features")
+    payments = read_table(events, "payments", columns=["payment_id", "payment_time", "creator_id", "kind"])
+    payments = payments[payments["kind"] == "purchase"].reset_index(drop=True)
+    disputes = read_table(events, "disputes", columns=["payment_id", "reported_time"])
+    first_report = disputes.groupby("payment_id")["reported_time"].min()
+    reported = payments["payment_id"].map(first_report)
+    seller = creator_history_features(payments["payment_time"], payments["creator_id"], reported)
+    seller.index = pd.Index(payments["payment_id"])
+    cards = card_history_features(
+        pf["payment_time"],
+        pf["card_fingerprint"],
+        pf["amount"],
+        pf["card_amount_mean_7d"],
+        pf["card_amount_mean_30d"],
+    )
+    cards.index = pd.Index(pf["payment_id"])
     timings["features_seconds"] = time.perf_counter() - t0
 
     candidates = [c for c in pf.columns if c not in KEY_COLUMNS]
     informative = [c for c in candidates if pf[c].notna().any() and pf[c].nunique(dropna=True) > 1]
-    frame = pf.set_index("payment_id")[informative].join(lag, how="left")
-    names = [*informative, *creator_lag_feature_names()]
-    ids = handbook_numeric_id(pd.Series(frame.index))
-    frame.index = pd.Index(ids.to_numpy(), name="TRANSACTION_ID")
+    names = [*informative, *creator_history_feature_names(), *card_history_feature_names()]
+    frame = pf.set_index("payment_id")[informative].join(seller, how="left").join(cards, how="left")
+    frame["reported"] = first_report.reindex(frame.index).to_numpy()
+    frame.index = pd.Index(handbook_numeric_id(pd.Series(frame.index)).to_numpy(), name="TRANSACTION_ID")
     missing = ~tx["TRANSACTION_ID"].isin(frame.index)
     if missing.any():
         raise BenchError(
             f"{int(missing.sum())} transactions have no pipeline features (import dropped them?)"
         )
-    aligned = frame.loc[tx["TRANSACTION_ID"].to_numpy(), names].reset_index(drop=True)
-
-    disputes = read_table(events, "disputes", columns=["payment_id", "reported_time"])
-    reported = pd.Series(
-        disputes["reported_time"].dt.tz_convert(None).to_numpy(),
-        index=handbook_numeric_id(disputes["payment_id"]).to_numpy(),
-    )
-    reported = reported.groupby(level=0).min()
-    reported_aligned = pd.Series(reported.reindex(tx["TRANSACTION_ID"].to_numpy()).to_numpy(), index=tx.index)
-    return aligned, names, reported_aligned, timings
+    aligned = frame.loc[tx["TRANSACTION_ID"].to_numpy()].reset_index(drop=True)
+    reported_naive = pd.to_datetime(aligned.pop("reported"), utc=True).dt.tz_convert(None)
+    return aligned[names], names, reported_naive.set_axis(tx.index), timings
 
 
 def _speed_test(
@@ -530,6 +595,7 @@ def replace_params(params: Any, **changes: Any) -> Any:
 
 def run_benchmark(cfg: BenchConfig, step: Step | None = None) -> dict[str, Any]:
     """Run the prequential benchmark; return the JSON-ready result document."""
+    from features.importers import HANDBOOK_PATTERNS
     from models.fraud import FraudModel, FraudModelError
     from models.metrics import MetricError, calibration_error, recall_per_pattern
 
@@ -558,7 +624,7 @@ def run_benchmark(cfg: BenchConfig, step: Step | None = None) -> dict[str, Any]:
     for fold in folds:
         say(f"fold {fold.index + 1}/{len(folds)}: train {fold.describe()['train']}")
         tr = train_mask(tx["TX_DATETIME"], fold)
-        te = test_mask(tx["TX_DATETIME"], tx["CUSTOMER_ID"], tx["TX_FRAUD"], fold)
+        te = assessment_mask(tx["TX_DATETIME"], tx["CUSTOMER_ID"], tx["TX_FRAUD"], fold)
         # labels only once known: a payment is fraud for training if its dispute was reported
         # before the end of the delay that follows the training week
         y_known = (reported < fold.label_cutoff).to_numpy().astype(np.int8)
@@ -589,8 +655,9 @@ def run_benchmark(cfg: BenchConfig, step: Step | None = None) -> dict[str, Any]:
             aipic: dict[str, Any] = dict(_scores(y_test, raw, day_test, card_test))
             aipic["calibration_error"] = calibration_error(y_test, prob)
             threshold = np.quantile(raw[y_test == 0], 0.99)  # the 1 %-FPR operating point
+            patterns = tx["TX_FRAUD_SCENARIO"].to_numpy()[te]
             aipic["recall_per_pattern_at_1pct_fpr"] = recall_per_pattern(
-                tx["TX_FRAUD_SCENARIO"].to_numpy()[te].astype(str), raw >= threshold, none_values=("0",)
+                pd.Series(patterns).map({k: v.value for k, v in HANDBOOK_PATTERNS.items()}), raw >= threshold
             )
             row["aipic"] = {
                 **aipic,
@@ -629,8 +696,8 @@ def run_benchmark(cfg: BenchConfig, step: Step | None = None) -> dict[str, Any]:
             "random_forest": {"n_estimators": RF_TREES, "max_depth": RF_DEPTH},
         },
     }
-    patterns = pd.DataFrame([f["aipic"]["recall_per_pattern_at_1pct_fpr"] for f in per_fold])
-    result["aipic"]["recall_per_pattern_at_1pct_fpr"] = {str(k): float(v) for k, v in patterns.mean().items()}
+    recalls = pd.DataFrame([f["aipic"]["recall_per_pattern_at_1pct_fpr"] for f in per_fold])
+    result["aipic"]["recall_per_pattern_at_1pct_fpr"] = {str(k): float(v) for k, v in recalls.mean().items()}
     result["beats_every_published_row"] = {
         m: all(result["aipic"][m] > row[m] for row in PUBLISHED.values()) for m in METRICS
     }

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -37,11 +39,26 @@ def _tiers(tier: str, known: list[str]) -> list[str]:
     return [tier]
 
 
+def _in_project_run(fn: Callable[..., None]) -> Callable[..., None]:
+    """Under `mlflow run`, nest every run the command starts under the project's run."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> None:
+        from training.registry import configure, project_run
+
+        configure()
+        with project_run():
+            fn(*args, **kwargs)
+
+    return wrapper
+
+
 def _say(message: str) -> None:
     typer.secho(f"· {message}", fg=typer.colors.CYAN, err=True)
 
 
 @train_app.command("fraud")
+@_in_project_run
 def fraud_cmd(
     events: EventsOpt = None,
     tier: TierOpt = "all",
@@ -71,6 +88,7 @@ def fraud_cmd(
 
 
 @train_app.command("evaluate-fraud")
+@_in_project_run
 def evaluate_fraud_cmd(events: EventsOpt = None, tier: TierOpt = "all") -> None:
     """Score each tier's champion on the current held-out window; print metrics as JSON."""
     from training.fraud import evaluate_champions, to_json
@@ -85,6 +103,7 @@ def evaluate_fraud_cmd(events: EventsOpt = None, tier: TierOpt = "all") -> None:
 
 
 @train_app.command("recommender")
+@_in_project_run
 def recommender_cmd(events: EventsOpt = None, tier: TierOpt = "all") -> None:
     """Train one ranker per recommendation tier; print a JSON summary (versions, metrics)."""
     from training.fraud import to_json
@@ -99,6 +118,7 @@ def recommender_cmd(events: EventsOpt = None, tier: TierOpt = "all") -> None:
 
 
 @train_app.command("evaluate-recommender")
+@_in_project_run
 def evaluate_recommender_cmd(events: EventsOpt = None, tier: TierOpt = "all") -> None:
     """Score each ranker champion and popularity on the current held-out window; print JSON."""
     from training.fraud import to_json
@@ -113,6 +133,7 @@ def evaluate_recommender_cmd(events: EventsOpt = None, tier: TierOpt = "all") ->
 
 
 @train_app.command("promote")
+@_in_project_run
 def promote_cmd(
     events: EventsOpt = None,
     model: Annotated[str, typer.Option("--model", help="fraud-<tier>, recommender-<tier> or 'all'.")] = "all",
@@ -137,6 +158,7 @@ def promote_cmd(
 
 
 @train_app.command("all")
+@_in_project_run
 def all_cmd(events: EventsOpt = None) -> None:
     """Train every fraud tier and every recommendation tier (what `make run` does)."""
     from training.fraud import to_json, train_fraud

@@ -7,6 +7,9 @@ stored in the MLflow model's own ``metadata`` so a version is self-describing.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,8 +41,27 @@ def configure(settings: Settings | None = None) -> str:
     return uri
 
 
+@contextmanager
+def project_run() -> Iterator[None]:
+    """Inside `mlflow run`, resume the project's run so every run we start nests under it."""
+    run_id = os.environ.get("MLFLOW_RUN_ID")
+    if not run_id or mlflow.active_run() is not None:
+        yield
+        return
+    experiment = MlflowClient().get_run(run_id).info.experiment_id
+    mlflow.set_experiment(experiment_id=experiment)
+    with mlflow.start_run(run_id=run_id):
+        yield
+
+
 def ensure_experiment(name: str, settings: Settings | None = None) -> str:
-    """Create (once) and select an experiment whose artifacts live under var/mlflow/artifacts."""
+    """Create (once) and select an experiment whose artifacts live under var/mlflow/artifacts.
+
+    Under `mlflow run` the project's run (and so its experiment) is already chosen: keep it.
+    """
+    active = mlflow.active_run()
+    if active is not None:
+        return active.info.experiment_id
     s = settings or get_settings()
     client = MlflowClient()
     exp = client.get_experiment_by_name(name)
