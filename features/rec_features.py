@@ -259,14 +259,14 @@ class RecState:
             self.derived["creator_items"] = sp.csr_matrix(
                 (ones, (self.item_creator, np.arange(self.n_items))), shape=(len(self.creators), self.n_items)
             )
-        return self.derived["creator_items"]  # type: ignore[no-any-return]
+        return self.derived["creator_items"]
 
     def transposed(self, name: str) -> sp.csr_matrix:
         """CSR of the transpose of an item-item graph: its row i is the graph's column i."""
         key = f"{name}.T"
         if key not in self.derived:
             self.derived[key] = sp.csr_matrix(getattr(self, name).T)
-        return self.derived[key]  # type: ignore[no-any-return]
+        return self.derived[key]
 
     def user_row(self, user_id: str | None) -> int:
         """Row of a user, or -1 for an unknown person (cold start)."""
