@@ -359,13 +359,17 @@ def training_set(
     users: Sequence[str] | None = None,
     state: RecState | None = None,
     with_context: bool = False,
+    negatives: int | None = None,
+    seed: int = 0,
 ) -> TrainingSet:
     """Features as of `cutoff`, label 1 for candidates the person bought in [cutoff, label_end).
 
     Only persons known before the cutoff who bought in the label window form groups, and
     groups without any positive are dropped (they carry no ranking signal). `with_context`
     stands the person's last item before the cutoff in for the picture on screen (how the
-    limited tier learns to use the request's context).
+    limited tier learns to use the request's context). `negatives` keeps every positive and
+    that many random negatives per group: faster to fit, and on Online Retail's validation
+    windows it ranked better than all 300 candidates (fewer easy negatives to fit).
     """
     rules = rules or BusinessRules()
     state = state or build_state(events, cutoff)
@@ -399,6 +403,11 @@ def training_set(
     recall = float(y.sum() / max(len(pos_key), 1))
     has_pos = np.bincount(c.rows, weights=y, minlength=len(rows)) > 0
     keep = has_pos[c.rows]
+    if negatives is not None:
+        neg = np.flatnonzero(keep & (y == 0))
+        rng = np.random.default_rng(seed)
+        shuffled = neg[np.lexsort((rng.random(len(neg)), c.rows[neg]))]
+        keep[shuffled[_position_in_run(c.rows[shuffled]) >= negatives]] = False
     sizes = np.bincount(c.rows[keep], minlength=len(rows))
     return TrainingSet(
         X=scored.features[keep],
