@@ -117,7 +117,7 @@ REC_FEATURES: list[FeatureDef] = [
     _F(
         "ui_ease_rel",
         "user_item",
-        "EASE score over the best EASE score of the request.",
+        "EASE score over the person's best EASE score over all items.",
         PURCHASES,
         "derived",
     ),
@@ -260,6 +260,18 @@ class RecState:
                 (ones, (self.item_creator, np.arange(self.n_items))), shape=(len(self.creators), self.n_items)
             )
         return self.derived["creator_items"]
+
+    def user_graph(self, user_key: str, graph_key: str, row: int) -> np.ndarray:
+        """Dense (user matrix row @ item graph), memoised: candidates and features of one
+        request need the same products, and a heavy buyer's costs a millisecond."""
+        memo: dict[tuple[str, str, int], np.ndarray] = self.derived.setdefault("user_graph", {})
+        key = (user_key, graph_key, row)
+        hit = memo.get(key)
+        if hit is None:
+            if len(memo) >= 32:  # a few requests' worth; the snapshot itself never changes
+                memo.clear()
+            hit = memo[key] = row_graph(getattr(self, user_key), row, getattr(self, graph_key))
+        return hit
 
     def transposed(self, name: str) -> sp.csr_matrix:
         """CSR of the transpose of an item-item graph: its row i is the graph's column i."""
@@ -593,10 +605,11 @@ def rows_dense(m: sp.csr_matrix, rows: np.ndarray) -> np.ndarray:
     return np.asarray(m[rows].toarray(), dtype=np.float64)
 
 
-def rows_graph(m: sp.csr_matrix, rows: np.ndarray, graph: sp.csr_matrix) -> np.ndarray:
-    """(m[rows] @ graph) dense; fast path for one row."""
+def rows_graph(state: RecState, user_key: str, graph_key: str, rows: np.ndarray) -> np.ndarray:
+    """(state.<user_key>[rows] @ state.<graph_key>) dense; memoised fast path for one row."""
     if len(rows) == 1:
-        return row_graph(m, int(rows[0]), graph)[None, :]
+        return state.user_graph(user_key, graph_key, int(rows[0]))[None, :]
+    m, graph = getattr(state, user_key), getattr(state, graph_key)
     return np.asarray((m[rows] @ graph).toarray(), dtype=np.float64)
 
 
@@ -618,19 +631,19 @@ def _pair_values(m: sp.csr_matrix, rows: np.ndarray, cols: np.ndarray) -> np.nda
 
 
 def _user_graph_scores(
-    user_m: sp.csr_matrix, graph: sp.csr_matrix, rows: np.ndarray, cols: np.ndarray
+    state: RecState, user_key: str, graph_key: str, rows: np.ndarray, cols: np.ndarray
 ) -> np.ndarray:
-    """(user_m @ graph)[rows, cols], computed only for the persons that appear."""
+    """(user matrix @ item graph)[rows, cols], computed only for the persons that appear."""
     out = np.zeros(len(rows), dtype=np.float64)
     ok = rows >= 0
     if not ok.any():
         return out
     one = _single(rows[ok])
     if one is not None:
-        out[ok] = row_graph(user_m, one, graph)[cols[ok]]
+        out[ok] = state.user_graph(user_key, graph_key, one)[cols[ok]]
         return out
     uniq, pos = np.unique(rows[ok], return_inverse=True)
-    prod = (user_m[uniq] @ graph).tocsr()
+    prod = (getattr(state, user_key)[uniq] @ getattr(state, graph_key)).tocsr()
     out[ok] = np.asarray(prod[pos, cols[ok]]).ravel()
     return out
 
@@ -641,14 +654,13 @@ def pair_features(
     cols: np.ndarray,
     context: np.ndarray | None = None,
     names: Sequence[str] | None = None,
-    requests: np.ndarray | None = None,
 ) -> np.ndarray:
     """Model matrix (n × len(names)) for users `rows`, candidate items `cols` and context items.
 
     `rows` are positions in `state.users` (-1 = unknown person), `cols` positions in
-    `state.items`, `context` the item on screen per row (-1 = none). `requests` numbers the
-    request each row belongs to (sorted; default: one request per person) for features
-    relative to the other candidates of the same request. Missing values are NaN.
+    `state.items`, `context` the item on screen per row (-1 = none). Missing values are NaN.
+    Every value depends on its own (person, item, context) only, never on the other rows, so
+    the input of one returned item can be rebuilt exactly for the decision log.
     """
     names = list(names or [f.name for f in REC_FEATURES])
     rows = np.asarray(rows, dtype=np.int64)
@@ -668,7 +680,7 @@ def pair_features(
     def graph(user_key: str, graph_key: str) -> np.ndarray:
         key = f"{user_key}@{graph_key}"
         if key not in cache:
-            cache[key] = _user_graph_scores(getattr(state, user_key), getattr(state, graph_key), rows, cols)
+            cache[key] = _user_graph_scores(state, user_key, graph_key, rows, cols)
         return cache[key]
 
     def user(key: str) -> np.ndarray:
@@ -711,9 +723,8 @@ def pair_features(
         elif name == "ui_ease_decay":
             col = np.where(known, graph("buys_decay", "ease"), np.nan)
         elif name == "ui_ease_rel":
-            ease = graph("bought", "ease")
-            req = rows if requests is None else np.asarray(requests)
-            col = np.where(known, ease / np.maximum(_group_max(ease, req), 1e-9), np.nan)
+            best = _user_graph_max(state, "bought", "ease", rows)
+            col = np.where(known, graph("bought", "ease") / np.maximum(best, 1e-9), np.nan)
         elif name == "ui_coview":
             col = np.where(known, graph("views_decay", "coview"), np.nan)
         elif name == "ui_style_affinity":
@@ -730,14 +741,20 @@ def pair_features(
     return out
 
 
-def _group_max(values: np.ndarray, groups: np.ndarray) -> np.ndarray:
-    """Per row, the maximum of `values` over the rows of the same group."""
-    if len(values) == 0:
-        return values
-    _, inverse = np.unique(groups, return_inverse=True)
-    best = np.full(inverse.max() + 1, -np.inf)
-    np.maximum.at(best, inverse, values)
-    return best[inverse]
+def _user_graph_max(state: RecState, user_key: str, graph_key: str, rows: np.ndarray) -> np.ndarray:
+    """Per row, the person's largest (user matrix @ item graph) score over all items."""
+    out = np.zeros(len(rows), dtype=np.float64)
+    ok = rows >= 0
+    if not ok.any():
+        return out
+    one = _single(rows[ok])
+    if one is not None:
+        out[ok] = state.user_graph(user_key, graph_key, one).max()
+        return out
+    uniq, pos = np.unique(rows[ok], return_inverse=True)
+    prod = (getattr(state, user_key)[uniq] @ getattr(state, graph_key)).tocsr()
+    out[ok] = np.asarray(prod.max(axis=1).toarray()).ravel()[pos]
+    return out
 
 
 def _binary(m: sp.csr_matrix) -> sp.csr_matrix:

@@ -79,7 +79,15 @@ class Candidates:
 
 
 def _item_scores(state: RecState, config: CandidateConfig) -> dict[str, np.ndarray]:
-    """Scores of the sources that do not depend on the person (one vector per source)."""
+    """Scores of the sources that do not depend on the person (one vector per source, cached)."""
+    key = f"item_scores:{config.new_item_days}"
+    if key not in state.derived:
+        state.derived[key] = _compute_item_scores(state, config)
+    cached: dict[str, np.ndarray] = state.derived[key]
+    return cached
+
+
+def _compute_item_scores(state: RecState, config: CandidateConfig) -> dict[str, np.ndarray]:
     st = state.item_stats
     ok = state.item_active
     trend = np.where((st["item_pop_7d"] >= 2) & ok, st["item_trend"] * np.log1p(st["item_pop_7d"]), 0.0)
@@ -103,12 +111,12 @@ def _personal_scores(
     if source == "rebuy":
         out[known] = rows_dense(state.buys_decay, r)
     elif source == "co_purchase":  # EASE weights, cosine neighbours as a tie-breaker
-        ease = rows_graph(state.bought, r, state.ease)
-        out[known] = ease + 1e-3 * rows_graph(state.buys_decay, r, state.copurchase)
+        ease = rows_graph(state, "bought", "ease", r)
+        out[known] = ease + 1e-3 * rows_graph(state, "buys_decay", "copurchase", r)
     elif source == "co_view":
         if state.coview.nnz == 0:
             return None
-        out[known] = rows_graph(state.views_decay, r, state.coview)
+        out[known] = rows_graph(state, "views_decay", "coview", r)
     elif source == "style":
         aff = rows_dense(state.style_aff, r)[:, state.item_style]
         out[known] = aff * np.log1p(state.item_stats["item_pop_30d"])[None, :]

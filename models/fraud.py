@@ -52,6 +52,9 @@ class FraudParams:
     pos_weight: float | None = None
     early_stopping_metric: Literal["average_precision", "auc", "binary_logloss"] = "average_precision"
     calibration: Literal["platt", "isotonic"] = "platt"
+    # After early stopping, retrain on train + valid with the rounds scaled to the larger data,
+    # so the most recent days (the early-stopping slice) are learned from too.
+    refit_on_valid: bool = False
     num_threads: int = 0  # 0 = LightGBM's default (all cores) for training and batch scoring
     seed: int = 7
 
@@ -169,6 +172,7 @@ class FitReport:
     valid_frauds: int
     calib_rows: int
     valid_score: dict[str, float] = field(default_factory=dict)
+    refit_rounds: int = 0  # rounds of the booster refit on train + valid (0 = no refit)
 
 
 class FraudModel(ClassifierMixin, BaseEstimator):
@@ -237,9 +241,29 @@ class FraudModel(ClassifierMixin, BaseEstimator):
             xc, yc = _matrix(X_calib, names), _labels(y_calib, "calibration")
         else:
             xc, yc = xv, yv
-        self.calibrator_ = fit_calibrator(p.calibration, self.raw_score(xc), yc)
+        # Calibrate on raw scores the calibrating booster has not been trained on: with a refit
+        # and no separate calibration slice, the early-stopped booster's scores on the valid slice
+        # stand in for the refit booster's (same objective, rounds scaled to the data).
+        calib_raw = self.raw_score(xc)
+        refit_rounds = 0
+        if p.refit_on_valid:
+            yall = np.concatenate([yt, yv])
+            pos_all = int(yall.sum())
+            refit_weight = (
+                p.pos_weight if p.pos_weight is not None else math.sqrt((yall.size - pos_all) / pos_all)
+            )
+            refit_rounds = max(1, round(best * yall.size / yt.size))
+            full = lgb.Dataset(np.vstack([xt, xv]), label=yall, feature_name=list(names), free_raw_data=True)
+            refit_params = {k: v for k, v in p.lgb_params(refit_weight).items() if k != "metric"}
+            self.booster_ = lgb.train(refit_params, full, num_boost_round=refit_rounds)
+            self.best_iteration_ = refit_rounds
+            if X_calib is not None and y_calib is not None:
+                calib_raw = self.raw_score(xc)
+        self.calibrator_ = fit_calibrator(p.calibration, calib_raw, yc)
         score = {k: float(v) for k, v in booster.best_score.get("valid", {}).items()}
-        self.fit_report_ = FitReport(best, pos_weight, yt.size, pos, yv.size, int(yv.sum()), yc.size, score)
+        self.fit_report_ = FitReport(
+            best, pos_weight, yt.size, pos, yv.size, int(yv.sum()), yc.size, score, refit_rounds
+        )
         return self
 
     def raw_score(self, X: Matrix) -> npt.NDArray[np.float64]:

@@ -156,7 +156,7 @@ def score_requests(
         user_rows = np.full(len(user_rows), -1, np.int64)  # no profile at all
     cands = generate(state, user_rows, tier=tier, context=context, exclude=exclude, config=config)
     ctx = None if context is None else np.asarray(context, dtype=np.int64)[cands.rows]
-    X = pair_features(state, user_rows[cands.rows], cands.items, ctx, tier_feature_names(tier), cands.rows)
+    X = pair_features(state, user_rows[cands.rows], cands.items, ctx, tier_feature_names(tier))
     scores = ranker.predict(X) if ranker is not None and len(X) else None
     return Scored(cands, X, scores)
 

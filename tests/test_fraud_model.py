@@ -229,3 +229,17 @@ def test_fit_refuses_slices_without_fraud() -> None:
         FraudModel(FAST).predict_proba(x)
     with pytest.raises(FraudModelError, match="0 or 1"):
         FraudModel(FAST).fit(x[:2000], y[:2000] * 2, x[2000:], y[2000:])
+
+
+def test_refit_on_valid_learns_from_the_later_slice_too() -> None:
+    x, y = _synthetic(9000, 6)
+    model = FraudModel(replace(FAST, refit_on_valid=True)).fit(x[:6000], y[:6000], x[6000:7500], y[6000:7500])
+    report = model.fit_report_
+    # rounds found by early stopping, scaled to the 7500 rows the refit booster learns from
+    assert report.refit_rounds == max(1, round(report.best_iteration * 7500 / 6000))
+    assert model.best_iteration_ == report.refit_rounds == model.booster_.current_iteration()
+    test_x, test_y = _synthetic(3000, 7)
+    prob = model.predict_proba(test_x)[:, 1]
+    assert ((prob >= 0) & (prob <= 1)).all()
+    assert auc_roc(test_y, prob) > 0.8
+    assert model.score_row(test_x.iloc[3].to_numpy()) == pytest.approx(prob[3], abs=1e-12)

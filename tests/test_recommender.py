@@ -140,6 +140,18 @@ def test_pair_features_known_values(events: RecEvents, state) -> None:
     assert not np.isnan(x[0, names.index("ui_style_affinity")])
 
 
+def test_features_of_a_row_do_not_depend_on_other_rows(state) -> None:
+    """The decision log rebuilds the input of the returned items only: it must match exactly."""
+    row = state.user_row("u5")
+    c = generate(state, np.array([row]), config=CandidateConfig(n=60))
+    full = pair_features(state, np.full(len(c.items), row), c.items)
+    pick = np.array([0, 7, 3])
+    part = pair_features(state, np.full(3, row), c.items[pick])
+    np.testing.assert_array_equal(np.nan_to_num(full[pick], nan=-7), np.nan_to_num(part, nan=-7))
+    mixed = pair_features(state, np.array([row, state.user_row("u6"), row]), c.items[pick])
+    np.testing.assert_allclose(np.nan_to_num(mixed[[0, 2]], nan=-7), np.nan_to_num(part[[0, 2]], nan=-7))
+
+
 # --- candidates -----------------------------------------------------------------------------
 
 
@@ -309,6 +321,18 @@ def test_training_set_labels_next_purchases(events: RecEvents) -> None:
     # every group has a positive, and positives are real purchases of the window
     starts = np.r_[0, np.cumsum(ts.group)[:-1]]
     assert (np.add.reduceat(ts.y, starts) > 0).all()
+    sampled = training_set(
+        events,
+        cutoff,
+        AS_OF,
+        rules=BusinessRules(allow_repeats=True),
+        config=CandidateConfig(n=40),
+        negatives=5,
+    )
+    assert sampled.y.sum() == ts.y.sum()  # every positive kept
+    s_starts = np.r_[0, np.cumsum(sampled.group)[:-1]]
+    assert (sampled.group - np.add.reduceat(sampled.y, s_starts) <= 5).all()
+    assert len(sampled.y) < len(ts.y)
     limited = training_set(
         events, cutoff, AS_OF, tier="limited", with_context=True, config=CandidateConfig(n=40)
     )
