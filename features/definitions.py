@@ -16,6 +16,7 @@ from typing import Literal
 
 Source = Literal["provided", "observed", "derived"]
 DType = Literal["float64", "int64", "string"]
+Monotone = Literal[-1, 0, 1]
 
 
 @dataclass(frozen=True)
@@ -32,3 +33,7 @@ class FeatureDef:
     categories: tuple[str, ...]
     source: Source
     dtype: DType = "float64"
+    # How the fraud risk may move when this input grows (LightGBM monotone constraint): +1 for
+    # inputs that grow with the payment's own amount (paying more never lowers the score) and
+    # for activity counts on the same user, card, device or IP (a burst never lowers it).
+    monotone: Monotone = 0

@@ -86,16 +86,40 @@ def _velocity_defs() -> list[FeatureDef]:
         cats = _ENTITY_CATEGORIES[ent]
         for w in WINDOWS:
             span = f"in the {w} up to and including this payment, same {ent}"
+            # Counts are monotone +1: without it the model read a card-testing burst as "a card
+            # with history, so trusted" (tests/test_fraud_behaviour.py caught it).
             out += [
-                FeatureDef(f"{ent}_count_{w}", ent, f"Number of payments {span}.", cats, "derived"),
                 FeatureDef(
-                    f"{ent}_amount_sum_{w}", ent, f"Total amount of payments {span}.", cats, "derived"
+                    f"{ent}_count_{w}",
+                    ent,
+                    f"Number of payments {span}.",
+                    cats,
+                    "derived",
+                    monotone=1,
                 ),
                 FeatureDef(
-                    f"{ent}_amount_mean_{w}", ent, f"Mean amount of payments {span}.", cats, "derived"
+                    f"{ent}_amount_sum_{w}",
+                    ent,
+                    f"Total amount of payments {span}.",
+                    cats,
+                    "derived",
+                    monotone=1,
                 ),
                 FeatureDef(
-                    f"{ent}_amount_max_{w}", ent, f"Largest amount of payments {span}.", cats, "derived"
+                    f"{ent}_amount_mean_{w}",
+                    ent,
+                    f"Mean amount of payments {span}.",
+                    cats,
+                    "derived",
+                    monotone=1,
+                ),
+                FeatureDef(
+                    f"{ent}_amount_max_{w}",
+                    ent,
+                    f"Largest amount of payments {span}.",
+                    cats,
+                    "derived",
+                    monotone=1,
                 ),
             ]
     return out
@@ -106,7 +130,7 @@ def _other_defs() -> list[FeatureDef]:
     d = FeatureDef
     return [
         # request: the payment itself
-        d("amount", "request", "Amount of this payment.", (PAY,), "observed"),
+        d("amount", "request", "Amount of this payment.", (PAY,), "observed", monotone=1),
         d("is_night", "request", "1 if paid between 00:00 and 06:00 UTC.", (PAY,), "observed"),
         d("is_weekend", "request", "1 if paid on a Saturday or Sunday (UTC).", (PAY,), "observed"),
         d(
@@ -137,6 +161,7 @@ def _other_defs() -> list[FeatureDef]:
             f"Amount divided by the mean of the user's previous payments in {h} (null without history).",
             (PURCHASES, PAY),
             "derived",
+            monotone=1,
         ),
         d(
             f"user_amount_zscore_{h}",
@@ -144,6 +169,7 @@ def _other_defs() -> list[FeatureDef]:
             f"Z-score of the amount against the user's previous payments in {h} (null under 2 or no spread).",
             (PURCHASES, PAY),
             "derived",
+            monotone=1,
         ),
         d(
             f"user_secs_since_prev_payment_{h}",
@@ -227,6 +253,7 @@ def _other_defs() -> list[FeatureDef]:
             f"Distinct users who paid with this card in {h} (this payment included).",
             (CARD, PAY),
             "derived",
+            monotone=1,
         ),
         d(
             "card_disputes_reported",
@@ -241,6 +268,7 @@ def _other_defs() -> list[FeatureDef]:
             f"Distinct users who paid from this device in {h} (this payment included).",
             (DEVICE,),
             "derived",
+            monotone=1,
         ),
         d(
             f"ip_distinct_users_{h}",
@@ -248,6 +276,7 @@ def _other_defs() -> list[FeatureDef]:
             f"Distinct users who paid from this IP address in {h} (this payment included).",
             (IP,),
             "derived",
+            monotone=1,
         ),
         # creator (seller) risk
         d(

@@ -55,12 +55,16 @@ class FraudParams:
     # After early stopping, retrain on train + valid with the rounds scaled to the larger data,
     # so the most recent days (the early-stopping slice) are learned from too.
     refit_on_valid: bool = False
+    # (feature name, +1 / -1) pairs: the score may only rise (+1) or fall (-1) with that input,
+    # e.g. every input that grows with the payment's amount is +1 (features.definitions.monotone).
+    monotone: tuple[tuple[str, int], ...] = ()
     num_threads: int = 0  # 0 = LightGBM's default (all cores) for training and batch scoring
     seed: int = 7
 
-    def lgb_params(self, pos_weight: float) -> dict[str, Any]:
-        """The parameter dict handed to `lightgbm.train`."""
+    def lgb_params(self, pos_weight: float, names: Sequence[str] = ()) -> dict[str, Any]:
+        """The parameter dict handed to `lightgbm.train` (``names``: the feature order)."""
         return {
+            **self._monotone_params(names),
             "objective": "binary",
             "metric": self.early_stopping_metric,
             "learning_rate": self.learning_rate,
@@ -78,6 +82,18 @@ class FraudParams:
             "deterministic": True,
             "force_col_wise": True,
             "verbosity": -1,
+        }
+
+    def _monotone_params(self, names: Sequence[str]) -> dict[str, Any]:
+        wanted = dict(self.monotone)
+        if not wanted:
+            return {}
+        unknown = sorted(set(wanted) - set(names))
+        if unknown:
+            raise FraudModelError(f"monotone constraints on features the model does not use: {unknown[:5]}")
+        return {
+            "monotone_constraints": [int(wanted.get(n, 0)) for n in names],
+            "monotone_constraints_method": "advanced",
         }
 
 
@@ -226,7 +242,7 @@ class FraudModel(ClassifierMixin, BaseEstimator):
         train_set = lgb.Dataset(xt, label=yt, feature_name=list(names), free_raw_data=True)
         valid_set = lgb.Dataset(xv, label=yv, reference=train_set)
         booster = lgb.train(
-            p.lgb_params(pos_weight),
+            p.lgb_params(pos_weight, names),
             train_set,
             num_boost_round=p.num_boost_round,
             valid_sets=[valid_set],
@@ -254,7 +270,7 @@ class FraudModel(ClassifierMixin, BaseEstimator):
             )
             refit_rounds = max(1, round(best * yall.size / yt.size))
             full = lgb.Dataset(np.vstack([xt, xv]), label=yall, feature_name=list(names), free_raw_data=True)
-            refit_params = {k: v for k, v in p.lgb_params(refit_weight).items() if k != "metric"}
+            refit_params = {k: v for k, v in p.lgb_params(refit_weight, names).items() if k != "metric"}
             self.booster_ = lgb.train(refit_params, full, num_boost_round=refit_rounds)
             self.best_iteration_ = refit_rounds
             if X_calib is not None and y_calib is not None:

@@ -8,7 +8,7 @@ its own run (nested under the `mlflow run` run when there is one) and registered
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -19,6 +19,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 
+from features.definitions import FeatureDef
 from features.settings import Settings, get_settings
 from models.bundle import ModelBundle, Thresholds
 from models.fraud import FraudModel, FraudParams
@@ -89,6 +90,12 @@ class TierResult:
     champion: bool
 
 
+def default_params(defs: Sequence[FeatureDef]) -> FraudParams:
+    """The marketplace's booster settings, with each input's declared monotone direction."""
+    monotone = tuple((f.name, int(f.monotone)) for f in defs if f.monotone)
+    return FraudParams(num_boost_round=600, early_stopping_rounds=60, monotone=monotone)
+
+
 def train_tier(
     tier: str,
     slices: dict[str, pd.DataFrame],
@@ -102,7 +109,7 @@ def train_tier(
     defs = tier_features(tier)
     names = [f.name for f in defs]
     keep = {k: v[tier_consent_mask(v, tier, events_dir)] for k, v in slices.items()}
-    model = FraudModel(params or FraudParams(num_boost_round=600, early_stopping_rounds=60))
+    model = FraudModel(params or default_params(defs))
     model.fit(
         keep["train"][names],
         keep["train"]["label"],
@@ -135,7 +142,8 @@ def train_tier(
                 "n_features": len(names),
                 **{f"slice_{k}_rows": len(v) for k, v in keep.items()},
                 **windows.as_params(),
-                **{f"lgb_{k}": v for k, v in model.describe()["params"].items()},
+                **{f"lgb_{k}": v for k, v in model.describe()["params"].items() if k != "monotone"},
+                "monotone_increasing": ",".join(n for n, d in model.resolved_params.monotone if d > 0),
                 "best_iteration": model.best_iteration_,
             }
         )
