@@ -113,3 +113,45 @@ def test_cli_train_prints_json(events: Path, mlflow_store: Path) -> None:
     assert res.exit_code == 0, res.output
     payload = json.loads(res.stdout[res.stdout.index("{") :])
     assert DEGRADED_TIER in payload["tiers"]
+
+
+@pytest.mark.realserver
+def test_postgresql_backend_store_trains_registers_and_promotes(
+    events: Path, isolated_settings: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Production: MLflow's tracking and registry on the real PostgreSQL server (fresh database)."""
+    import os
+    import uuid
+
+    import psycopg
+
+    from features.settings import get_settings
+
+    name = f"mlflow_{uuid.uuid4().hex[:10]}"
+    try:
+        admin = psycopg.connect("postgresql://postgres@127.0.0.1:5432/test", autocommit=True)
+    except psycopg.OperationalError as exc:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"PostgreSQL not reachable in CI: {exc}")
+        pytest.skip("PostgreSQL not reachable")
+    admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        monkeypatch.setenv(
+            "AIPIC_MLFLOW_TRACKING_URI", f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+        )
+        get_settings.cache_clear()
+        assert registry.configure().startswith("postgresql")
+        summary = train_fraud(events, ["no_device_location"], label_delay_days=20)
+        assert summary["tiers"]["no_device_location"]["champion"] is True
+        assert registry.champion_version("fraud-no_device_location") == "1"
+        train_fraud(events, ["no_device_location"], label_delay_days=20)
+        result = promote_fraud(events, "fraud-no_device_location")["fraud-no_device_location"]
+        assert (result["challenger"], result["champion_before"], result["promoted"]) == ("2", "1", False)
+        assert registry.load_bundle("fraud-no_device_location").version == "1"
+        with psycopg.connect(f"postgresql://postgres@127.0.0.1:5432/{name}") as conn:
+            rows = conn.execute("SELECT name, alias, version FROM registered_model_aliases").fetchall()
+        assert ("fraud-no_device_location", "champion", 1) in rows
+    finally:
+        get_settings.cache_clear()
+        admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')  # FORCE: MLflow pools its connections
+        admin.close()
