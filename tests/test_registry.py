@@ -66,3 +66,25 @@ def test_missing_model_is_a_clear_error(mlflow_store: Path) -> None:
 def test_thresholds_map_probability_to_outcome() -> None:
     t = Thresholds(review=0.3, decline=0.8)
     assert [t.outcome(p) for p in (0.1, 0.3, 0.79, 0.8)] == ["approve", "review", "review", "decline"]
+
+
+def test_project_run_nests_runs_under_mlflow_runs_own(
+    mlflow_store: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under `mlflow run` (MLFLOW_RUN_ID set) a tier's run is a child, free to log its own params."""
+    from mlflow.tracking import MlflowClient
+
+    registry.configure()
+    registry.ensure_experiment("test")
+    with mlflow.start_run() as project:
+        mlflow.log_param("label_delay_days", "-1")  # the entry point's "use the default"
+    monkeypatch.setenv("MLFLOW_RUN_ID", project.info.run_id)
+    with registry.project_run():
+        assert mlflow.active_run().info.run_id == project.info.run_id  # type: ignore[union-attr]
+        with mlflow.start_run(run_name="fraud-full", nested=True) as child:
+            mlflow.log_param("label_delay_days", "21")
+    run = MlflowClient().get_run(child.info.run_id)
+    assert run.info.run_id != project.info.run_id
+    assert run.data.tags["mlflow.parentRunId"] == project.info.run_id
+    assert run.data.params["label_delay_days"] == "21"
+    assert MlflowClient().get_run(project.info.run_id).data.params["label_delay_days"] == "-1"

@@ -50,8 +50,14 @@ def project_run() -> Iterator[None]:
         return
     experiment = MlflowClient().get_run(run_id).info.experiment_id
     mlflow.set_experiment(experiment_id=experiment)
-    with mlflow.start_run(run_id=run_id):
-        yield
+    # `start_run(nested=True)` would resume MLFLOW_RUN_ID instead of creating a child run (and
+    # then refuse our parameters as changed): hide it while the project's run is active.
+    os.environ.pop("MLFLOW_RUN_ID")
+    try:
+        with mlflow.start_run(run_id=run_id):
+            yield
+    finally:
+        os.environ["MLFLOW_RUN_ID"] = run_id
 
 
 def ensure_experiment(name: str, settings: Settings | None = None) -> str:
