@@ -88,3 +88,17 @@ def test_project_run_nests_runs_under_mlflow_runs_own(
     assert run.data.tags["mlflow.parentRunId"] == project.info.run_id
     assert run.data.params["label_delay_days"] == "21"
     assert MlflowClient().get_run(project.info.run_id).data.params["label_delay_days"] == "-1"
+
+
+def test_mlflow_run_on_another_store_is_a_clear_error(
+    mlflow_store: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from serving.cli import app
+
+    monkeypatch.setenv("MLFLOW_RUN_ID", "0123456789abcdef0123456789abcdef")  # made in ./mlruns, say
+    result = CliRunner().invoke(app, ["train", "evaluate-fraud", "--events", str(mlflow_store.parent)])
+    assert result.exit_code == 2
+    assert "export MLFLOW_TRACKING_URI" in result.output
+    assert "Traceback" not in result.output

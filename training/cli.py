@@ -44,11 +44,14 @@ def _in_project_run(fn: Callable[..., None]) -> Callable[..., None]:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> None:
-        from training.registry import configure, project_run
+        from training.registry import RegistryError, configure, project_run
 
         configure()
-        with project_run():
-            fn(*args, **kwargs)
+        try:
+            with project_run():
+                fn(*args, **kwargs)
+        except RegistryError as exc:
+            raise _fail(str(exc)) from None
 
     return wrapper
 

@@ -26,6 +26,10 @@ CHAMPION = "champion"
 PIP_REQUIREMENTS = ["lightgbm>=4.6,<5", "numpy>=1.26,<3", "pandas>=2.2,<3"]
 
 
+class RegistryError(RuntimeError):
+    """MLflow is not set up the way the command needs (e.g. `mlflow run` on another store)."""
+
+
 class ModelNotFound(LookupError):
     """No registered version behind the requested name/alias."""
 
@@ -48,7 +52,13 @@ def project_run() -> Iterator[None]:
     if not run_id or mlflow.active_run() is not None:
         yield
         return
-    experiment = MlflowClient().get_run(run_id).info.experiment_id
+    try:
+        experiment = MlflowClient().get_run(run_id).info.experiment_id
+    except MlflowException as exc:
+        raise RegistryError(
+            f"`mlflow run` created run {run_id} in another tracking store than {mlflow.get_tracking_uri()}: "
+            "export MLFLOW_TRACKING_URI to the same store (see the README) and run again"
+        ) from exc
     mlflow.set_experiment(experiment_id=experiment)
     # `start_run(nested=True)` would resume MLFLOW_RUN_ID instead of creating a child run (and
     # then refuse our parameters as changed): hide it while the project's run is active.
