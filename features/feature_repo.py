@@ -7,7 +7,11 @@ module listed in `FEATURE_SET_MODULES`. From all of them this module generates:
 * one FileSource + FeatureView per (model, entity): ``<model>_<entity>`` over the parquet
   table ``<offline_dir>/<model>_<entity>.parquet`` (join key, ``event_timestamp``, features),
 * one on-demand feature view ``<model>_request`` for features of entity ``request``,
-  computed by the set's vectorised ``request_fn`` from a RequestSource,
+  computed by the set's vectorised ``request_fn`` from a RequestSource, and one
+  ``<model>_<name>`` per `OnDemand` group (features of its entities computed at request time
+  from a RequestSource and the set's raw views),
+* the set's raw views (``raw_views``): stored inputs of on-demand features that are not
+  model inputs themselves (the recommender's per-person history), in no FeatureService,
 * one FeatureService ``<model>_<tier>`` per tier, holding exactly the tier's features,
 * the profile views (`PROFILE_VIEWS`) the online path reads: user and item attributes.
 
@@ -32,7 +36,7 @@ if TYPE_CHECKING:
     from feast import Entity, FeatureService, FeatureView, OnDemandFeatureView
 
 #: Modules defining a module-level ``FEATURE_SET``: add one line per pipeline.
-FEATURE_SET_MODULES: tuple[str, ...] = ("features.payment_features",)
+FEATURE_SET_MODULES: tuple[str, ...] = ("features.payment_features", "features.rec_feast")
 
 #: Entity name -> join key (the column of the event tables that identifies it).
 ENTITY_JOIN_KEYS: dict[str, str] = {
@@ -53,6 +57,22 @@ _FEAST_TYPES = {"float64": "Float64", "int64": "Int64", "string": "String"}
 
 
 @dataclass(frozen=True)
+class OnDemand:
+    """Features of some entities computed at request time (one Feast on-demand view).
+
+    ``fn`` is vectorised (a frame of request rows in, one column per feature out) and reads
+    the ``inputs`` (request-time columns -> Feast type) and the fields of the raw views named
+    in ``sources``.
+    """
+
+    name: str
+    entities: frozenset[str]
+    inputs: Mapping[str, str]
+    fn: Callable[[pd.DataFrame], pd.DataFrame]
+    sources: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class FeatureSet:
     """The inputs of one model family and its tiers (one FeatureService per tier)."""
 
@@ -68,6 +88,10 @@ class FeatureSet:
     build_offline: Callable[[Path, Path, Callable[[str, int, int], None] | None], dict[str, Any]] | None = (
         None
     )
+    #: groups of features computed at request time (besides ``request``, see `on_demand_groups`)
+    on_demand: tuple[OnDemand, ...] = ()
+    #: stored inputs of on-demand groups that are not model inputs (named ``<model>_...``)
+    raw_views: tuple[ProfileView, ...] = ()
 
     def tier_features(self, tier: str) -> list[FeatureDef]:
         try:
@@ -76,8 +100,20 @@ class FeatureSet:
             raise KeyError(f"{self.model}: unknown tier {tier!r}; known {sorted(self.tiers)}") from None
         return [f for f in self.features if keep(f)]
 
+    def on_demand_groups(self) -> list[OnDemand]:
+        """Every on-demand group; ``request_fn`` makes the default ``request`` group."""
+        groups = list(self.on_demand)
+        if self.request_fn is not None and not any(REQUEST in g.entities for g in groups):
+            groups.append(OnDemand(REQUEST, frozenset({REQUEST}), self.request_inputs, self.request_fn))
+        return groups
+
+    def computed_entities(self) -> frozenset[str]:
+        """Entities whose features are computed at request time, never stored."""
+        return frozenset({REQUEST}).union(*(g.entities for g in self.on_demand))
+
     def entities(self) -> list[str]:
-        return sorted({f.entity for f in self.features} - {REQUEST})
+        """Entities with a stored view of model inputs."""
+        return sorted({f.entity for f in self.features} - self.computed_entities())
 
     def view_name(self, entity: str) -> str:
         return f"{self.model}_{REQUEST if entity == REQUEST else entity}"
@@ -157,8 +193,11 @@ class FeastObjects:
 
 
 def _feast_type(name: str) -> Any:
+    """``Float64`` or ``Array(String)`` -> the Feast type."""
     from feast import types
 
+    if name.startswith("Array(") and name.endswith(")"):
+        return types.Array(getattr(types, name[6:-1]))
     return getattr(types, name)
 
 
@@ -179,7 +218,11 @@ def feast_objects(offline_dir: Path, sets: list[FeatureSet] | None = None) -> Fe
     from feast.on_demand_feature_view import on_demand_feature_view
 
     sets = sets if sets is not None else feature_sets()
-    used = {e for s in sets for e in s.entities()} | {p.entity for p in PROFILE_VIEWS}
+    used = (
+        {e for s in sets for e in s.entities()}
+        | {p.entity for p in PROFILE_VIEWS}
+        | {rv.entity for s in sets for rv in s.raw_views}
+    )
     unknown = used - set(ENTITY_JOIN_KEYS)
     if unknown:
         raise ValueError(f"entities without a join key: {sorted(unknown)}; add them to ENTITY_JOIN_KEYS")
@@ -211,26 +254,43 @@ def feast_objects(offline_dir: Path, sets: list[FeatureSet] | None = None) -> Fe
             pv.name, pv.entity, list(pv.fields.items()), "Raw profile read by the online path."
         )
     for s in sets:
+        for rv in s.raw_views:
+            if not rv.name.startswith(f"{s.model}_"):
+                raise ValueError(f"{s.model}: raw view {rv.name!r} must be named {s.model}_...")
+            views[rv.name] = view(
+                rv.name, rv.entity, list(rv.fields.items()), f"{s.model}: stored inputs of on-demand features"
+            )
         for ent in s.entities():
             defs = [f for f in s.features if f.entity == ent]
             fields = [(f.name, _FEAST_TYPES[f.dtype]) for f in defs]
             views[s.view_name(ent)] = view(s.view_name(ent), ent, fields, f"{s.model} features of each {ent}")
-        req = [f for f in s.features if f.entity == REQUEST]
-        if req:
-            if s.request_fn is None or not s.request_inputs:
-                raise ValueError(f"{s.model}: request features need request_inputs and request_fn")
+        groups = s.on_demand_groups()
+        orphans = [
+            f.name
+            for f in s.features
+            if f.entity in s.computed_entities() and not any(f.entity in g.entities for g in groups)
+        ]
+        if orphans:
+            raise ValueError(f"{s.model}: no on-demand computation for {orphans} (request_fn or on_demand)")
+        for group in groups:
+            defs = [f for f in s.features if f.entity in group.entities]
+            if not defs:
+                continue
+            if not group.inputs:
+                raise ValueError(f"{s.model}: on-demand features {group.name!r} need request inputs")
+            name = f"{s.model}_{group.name}"
             rs = RequestSource(
-                name=f"{s.model}_request_inputs",
-                schema=[Field(name=n, dtype=_feast_type(t)) for n, t in s.request_inputs.items()],
+                name=f"{name}_inputs",
+                schema=[Field(name=n, dtype=_feast_type(t)) for n, t in group.inputs.items()],
             )
             decorate = on_demand_feature_view(
-                name=s.view_name(REQUEST),
-                sources=[rs],
-                schema=[Field(name=f.name, dtype=_feast_type(_FEAST_TYPES[f.dtype])) for f in req],
+                name=name,
+                sources=[*(views[v] for v in group.sources), rs],
+                schema=[Field(name=f.name, dtype=_feast_type(_FEAST_TYPES[f.dtype])) for f in defs],
                 mode="pandas",
-                description=f"{s.model} features computed from the request alone",
+                description=f"{s.model} features computed at request time ({', '.join(sorted(group.entities))})",
             )
-            odfvs[s.view_name(REQUEST)] = decorate(_detached(s.request_fn))
+            odfvs[name] = decorate(_detached(group.fn))
         for tier in s.tiers:
             names = {f.name for f in s.tier_features(tier)}
             parts: list[Any] = []

@@ -4,18 +4,20 @@ Design (why online equals offline exactly):
 
 * Every fraud feature is a function of the events that happened strictly before the
   payment, plus the payment itself (see `features.payment_features`). The online store
-  therefore keeps the *events*, not pre-aggregated values: per user, card, device, IP and
-  creator a log of recent payment records (30 days plus a day of lateness), the disputes
-  per user/card/creator with their reported time, the first time a user used each
+  therefore keeps the *events*, not pre-aggregated values: per user, card, device and IP
+  a log of recent payment records (30 days plus a day of lateness), the disputes per
+  user/card/creator with their reported time, the first time a user used each
   card/device/country, and one index row per payment (to route a dispute to its user, card
-  and creator). Profiles (users, items) are Feast feature views, materialised from the
-  event tables and pushed by `update_online` when a user or item event arrives.
+  and creator; a creator's counts are read from it). Profiles (users, items) are Feast
+  feature views, materialised from the event tables and pushed by `update_online` when a
+  user or item event arrives.
 * `update_online` appends an event (idempotent: the same event twice changes nothing,
   arrival order does not matter) and is called by both the API's event ingestion and the
   scoring path, so a card-testing burst is visible to the very next score.
-* `online_payment_vector` reads the state of the payment's entities in one round trip and
-  computes the vector with the same definitions as the offline SQL (integer cents, the
-  same window edges). The parity test replays a simulated stream and compares every value.
+* `online_payment_vector` reads the state of the payment's entities in one round trip (on
+  Redis one script call that also reads the Feast profile hashes) and computes the vector
+  with the same definitions as the offline SQL (integer cents, the same window edges). The
+  parity tests replay a simulated stream on both backends and compare every value.
 
 Two backends, chosen by settings: SQLite (a file next to Feast's SQLite online store) and
 Redis (the same server as Feast's Redis online store, keys ``aipic:<project>:...``).
@@ -24,8 +26,10 @@ Redis (the same server as Feast's Redis online store, keys ``aipic:<project>:...
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import math
 import sqlite3
+import struct
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
@@ -55,12 +59,26 @@ if TYPE_CHECKING:
 #: lateness an event may arrive with and still be counted exactly.
 LATENESS_US = DAY
 RETENTION_US = WINDOWS[HISTORY_WINDOW] + LATENESS_US
-LOG_ENTITIES = (*VELOCITY_ENTITIES, "creator")
+#: Entities with a log of payment records (creators' features are counts: see the read paths).
+LOG_ENTITIES = VELOCITY_ENTITIES
 #: What `delete_entities` accepts (entity name -> what is keyed by it).
 ERASABLE = ("user", "card", "device", "ip", "creator", "item", "payment")
 _SEP = "\x1f"
+_U32 = struct.Struct("<I")
+_new_tuple = tuple.__new__
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 _WINDOW_ITEMS = sorted(WINDOWS.items(), key=lambda kv: kv[1])
+HISTORY_US = WINDOWS[HISTORY_WINDOW]
+_WINDOW_WIDTHS = tuple(width for _, width in _WINDOW_ITEMS)
+#: Per velocity entity, per window (narrowest first): the count, sum, mean and max feature names.
+_VELOCITY_NAMES = {
+    ent: tuple(
+        (f"{ent}_count_{w}", f"{ent}_amount_sum_{w}", f"{ent}_amount_mean_{w}", f"{ent}_amount_max_{w}")
+        for w, _ in _WINDOW_ITEMS
+    )
+    for ent in VELOCITY_ENTITIES
+}
+_CREATOR_DISPUTE_WIDTHS = tuple(WINDOWS[w] for w in CREATOR_DISPUTE_WINDOWS)
 #: Column of the SQLite payment index naming each erasable entity that payments mention.
 _PAYMENT_COLUMN = {"payment": "payment_id", "user": "user_id", "card": "card", "device": "device", "ip": "ip"}
 
@@ -73,7 +91,8 @@ def to_us(t: dt.datetime) -> int:
     """Exact integer microseconds since the epoch (naive datetimes are UTC, as in storage)."""
     if t.tzinfo is None:
         t = t.replace(tzinfo=dt.UTC)
-    return (t - _EPOCH) // dt.timedelta(microseconds=1)
+    d = t - _EPOCH
+    return (d.days * 86_400 + d.seconds) * 1_000_000 + d.microseconds
 
 
 def to_cents(amount: float) -> int:
@@ -137,17 +156,9 @@ class PaymentRecord(NamedTuple):
     def decode(cls, s: str | bytes) -> PaymentRecord:
         text = s.decode() if isinstance(s, bytes) else s
         ts, pid, cents, user, card, device, ip, ipc, creator = text.split(_SEP)
-        return cls(
-            pid,
-            int(ts),
-            int(cents),
-            user,
-            card or None,
-            device or None,
-            ip or None,
-            ipc or None,
-            creator or None,
-        )
+        # tuple.__new__ skips the generated __new__ (a read decodes dozens of records)
+        fields = (pid, int(ts), int(cents), user, card or None, device or None, ip or None, ipc or None)
+        return _new_tuple(cls, (*fields, creator or None, None, None, ()))
 
 
 @dataclass(frozen=True)
@@ -171,6 +182,12 @@ def parse_value(raw: bytes | None) -> Any:
     """A Feast ``Value`` protobuf (as stored online) -> Python scalar (None if unset)."""
     if not raw:
         return None
+    return _parse_value_bytes(raw)
+
+
+@functools.lru_cache(maxsize=8192)
+def _parse_value_bytes(raw: bytes) -> Any:
+    """Cached: profile values repeat (KYC status, countries, prices) and scalars are immutable."""
     from feast.protos.feast.types.Value_pb2 import Value
 
     v = Value.FromString(raw)
@@ -215,6 +232,13 @@ def _mismatch(a: str | None, b: str | None) -> float:
     return math.nan if a is None or b is None else _flag(a != b)
 
 
+#: ``user_distinct_*`` features and the `PaymentRecord` field each counts.
+_USER_DISTINCT = tuple(
+    (f"user_distinct_{col}_{HISTORY_WINDOW}", PaymentRecord._fields.index(attr))
+    for col, attr in (("cards", "card"), ("devices", "device"), ("ips", "ip"), ("countries", "ip_country"))
+)
+
+
 def compute_payment_vector(rec: PaymentRecord, snap: Snapshot) -> dict[str, float]:
     """The feature vector of ``rec`` from the state before it (same definitions as offline)."""
     t = rec.ts
@@ -228,24 +252,33 @@ def compute_payment_vector(rec: PaymentRecord, snap: Snapshot) -> dict[str, floa
     out["ip_bin_mismatch"] = _mismatch(rec.ip_country, rec.bin_country)
     out["ip_billing_mismatch"] = _mismatch(rec.ip_country, rec.billing_country)
 
-    # velocity per entity: the log is strictly earlier, so add the current payment
-    for ent in VELOCITY_ENTITIES:
+    # velocity per entity: the log is strictly earlier, so add the current payment. Each record
+    # goes to the narrowest window holding it; the nested windows are then running totals.
+    widths = _WINDOW_WIDTHS
+    nw = len(widths)
+    for ent, names in _VELOCITY_NAMES.items():
         if rec.key(ent) is None:
             continue
-        log = snap.logs.get(ent, [])
-        for name, width in _WINDOW_ITEMS:
-            n, s, m = 1, rec.cents, rec.cents
-            lo = t - width
-            for r in log:
-                if r.ts > lo:
-                    n += 1
-                    s += r.cents
-                    if r.cents > m:
-                        m = r.cents
-            out[f"{ent}_count_{name}"] = float(n)
-            out[f"{ent}_amount_sum_{name}"] = s / 100
-            out[f"{ent}_amount_mean_{name}"] = s / n / 100
-            out[f"{ent}_amount_max_{name}"] = m / 100
+        counts, sums, maxes = [0] * nw, [0] * nw, [rec.cents] * nw
+        for r in snap.logs.get(ent, ()):
+            age = t - r.ts
+            for b in range(nw):
+                if age < widths[b]:
+                    counts[b] += 1
+                    sums[b] += r.cents
+                    if r.cents > maxes[b]:
+                        maxes[b] = r.cents
+                    break
+        n, s, m = 1, rec.cents, rec.cents
+        for b, (count_name, sum_name, mean_name, max_name) in enumerate(names):
+            n += counts[b]
+            s += sums[b]
+            if maxes[b] > m:
+                m = maxes[b]
+            out[count_name] = float(n)
+            out[sum_name] = s / 100
+            out[mean_name] = s / n / 100
+            out[max_name] = m / 100
 
     # user history (previous payments only) and profile
     ulog = snap.logs.get("user", [])
@@ -271,10 +304,11 @@ def compute_payment_vector(rec: PaymentRecord, snap: Snapshot) -> dict[str, floa
         if prof.get("is_guest") is not None:
             out["user_is_guest"] = float(bool(prof["is_guest"]))
         out["user_country_ip_mismatch"] = _mismatch(rec.ip_country, prof.get("country"))
-    for col, attr in (("cards", "card"), ("devices", "device"), ("ips", "ip"), ("countries", "ip_country")):
-        values = {getattr(r, attr) for r in ulog} | {getattr(rec, attr)}
+    for name, i in _USER_DISTINCT:
+        values = {r[i] for r in ulog}
+        values.add(rec[i])
         values.discard(None)
-        out[f"user_distinct_{col}_{h}"] = float(len(values))
+        out[name] = float(len(values))
     for what, attr in (("card", "card"), ("device", "device"), ("country", "ip_country")):
         if getattr(rec, attr) is not None:
             first = snap.first_seen.get(what)
@@ -284,7 +318,8 @@ def compute_payment_vector(rec: PaymentRecord, snap: Snapshot) -> dict[str, floa
     # shared instruments
     for ent in ("card", "device", "ip"):
         if rec.key(ent) is not None:
-            users = {r.user_id for r in snap.logs.get(ent, [])} | {rec.user_id}
+            users = {r.user_id for r in snap.logs.get(ent, ())}
+            users.add(rec.user_id)
             out[f"{ent}_distinct_users_{h}"] = float(len(users))
     if rec.card is not None:
         out["card_disputes_reported"] = float(snap.card_disputes)
@@ -355,7 +390,11 @@ class EventState(ABC):
 
     @abstractmethod
     def write(self, batch: StateBatch) -> None:
-        """Apply a batch atomically; idempotent (the same batch twice changes nothing)."""
+        """Apply a batch; idempotent (the same batch twice changes nothing).
+
+        Atomic for the live path's batches (one payment or dispute); a bulk load may be
+        applied in atomic parts (see `RedisEventState.write`).
+        """
 
     @abstractmethod
     def payment_routes(self, payment_ids: Sequence[str]) -> dict[str, tuple[str, str | None, str | None]]:
@@ -587,42 +626,113 @@ class SqliteEventState(EventState):
             self._conn.close()
 
 
-#: Count, distinct buyers and this buyer's share of a creator's log in a time range, in Redis.
-#: Members are ``<payment_id>\\x1f<buyer>``; a payment id seen twice counts once.
-_CREATOR_LUA = """
-local m = redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[1], ARGV[2])
-local seen, buyers = {}, {}
-local n, nb, same = 0, 0, 0
-for _, r in ipairs(m) do
-  local i = string.find(r, '\\31', 1, true)
-  local pid, user = string.sub(r, 1, i - 1), string.sub(r, i + 1)
-  if not seen[pid] then
-    seen[pid] = true
-    n = n + 1
-    if not buyers[user] then buyers[user] = true; nb = nb + 1 end
-    if user == ARGV[3] then same = same + 1 end
+#: Everything the vector of one payment reads from Redis, in one call (one round trip, one reply).
+#: The creator's distinct buyers in ``(lo, t)`` come from ``clast`` (each buyer's latest payment
+#: with the creator): buyers whose latest payment is inside the window, plus those whose latest
+#: is at or after ``t`` (a late or concurrent event) and who have a payment inside it (their
+#: ``cbuy`` set). That is O(log n) per read however many sales the creator has.
+#:
+#: KEYS: 1-4 logs of the user, card, device, ip; 5-7 disputes of the user, card, creator;
+#: 8 ``cpay:<creator>``; 9 ``clast:<creator>``; 10 ``first:<user>``; 11.. profile hashes.
+#: An entity the payment does not name has '' in its places.
+#: ARGV: 1 ``(lo``, 2 ``(t``, 3 ``t``, 4 the creator's ``cbuy`` prefix, 5 the buyer, 6-8 first-seen
+#: members, 9 the number W of creator dispute windows, 10..9+W their ``(lo``; then the number of
+#: profile groups and per group: key count, field count, fields.
+_SNAPSHOT_LUA = """
+local lo, tx = ARGV[1], ARGV[2]
+local out = {}
+for i = 1, 4 do
+  if KEYS[i] == '' then out[i] = false else out[i] = redis.call('ZRANGEBYSCORE', KEYS[i], lo, tx) end
+end
+out[5] = redis.call('ZCOUNT', KEYS[5], '-inf', tx)
+if KEYS[6] == '' then out[6] = 0 else out[6] = redis.call('ZCOUNT', KEYS[6], '-inf', tx) end
+local nw = tonumber(ARGV[9])
+if KEYS[7] == '' then
+  out[7] = false
+else
+  local buyers = redis.call('ZCOUNT', KEYS[9], lo, tx)
+  for _, u in ipairs(redis.call('ZRANGEBYSCORE', KEYS[9], ARGV[3], '+inf')) do
+    if redis.call('ZCOUNT', ARGV[4] .. u, lo, tx) > 0 then buyers = buyers + 1 end
+  end
+  local c = {redis.call('ZCOUNT', KEYS[8], lo, tx), buyers, redis.call('ZCOUNT', ARGV[4] .. ARGV[5], lo, tx),
+    redis.call('ZCOUNT', KEYS[8], '-inf', tx), redis.call('ZCOUNT', KEYS[7], '-inf', tx)}
+  for w = 1, nw do c[#c + 1] = redis.call('ZCOUNT', KEYS[7], ARGV[9 + w], tx) end
+  out[7] = c
+end
+out[8] = redis.call('ZMSCORE', KEYS[10], ARGV[6], ARGV[7], ARGV[8])
+local a, k = 10 + nw, 11
+for _ = 1, tonumber(ARGV[a]) do
+  local nk, nf = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
+  local fields = {}
+  for f = 1, nf do fields[f] = ARGV[a + 2 + f] end
+  for _ = 1, nk do
+    out[#out + 1] = redis.call('HMGET', KEYS[k], unpack(fields))
+    k = k + 1
+  end
+  a = a + 2 + nf
+end
+return out
+"""
+
+#: Applies a batch of writes atomically in one call. Each key has one operation in ARGV: ``h n
+#: f1 v1 .. fn vn`` (HSET), ``z score member`` (ZADD), ``LT``/``GT score member`` (ZADD LT/GT),
+#: ``p (max`` (ZREMRANGEBYSCORE -inf (max).
+_WRITE_LUA = """
+local a = 1
+for i = 1, #KEYS do
+  local op = ARGV[a]
+  if op == 'h' then
+    local n = tonumber(ARGV[a + 1])
+    redis.call('HSET', KEYS[i], unpack(ARGV, a + 2, a + 1 + 2 * n))
+    a = a + 2 + 2 * n
+  elseif op == 'p' then
+    redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', ARGV[a + 1])
+    a = a + 2
+  elseif op == 'z' then
+    redis.call('ZADD', KEYS[i], ARGV[a + 1], ARGV[a + 2])
+    a = a + 3
+  else
+    redis.call('ZADD', KEYS[i], op, ARGV[a + 1], ARGV[a + 2])
+    a = a + 3
   end
 end
-return {n, nb, same}
+return #KEYS
+"""
+#: Keys per write-script call: a bulk load is split so that no call blocks Redis for long.
+_WRITE_CHUNK = 2_000
+
+
+def _ops_end(args: Sequence[str | int], start: int, n_ops: int) -> int:
+    """Index in ``args`` just after ``n_ops`` operations of `_WRITE_LUA` that begin at ``start``."""
+    a = start
+    for _ in range(n_ops):
+        op = args[a]
+        a += 2 + 2 * int(args[a + 1]) if op == "h" else 2 if op == "p" else 3
+    return a
+
+
+#: After payments left a (creator, buyer) set: the buyer's latest time in ``clast`` follows it.
+#: KEYS: 1 ``cbuy`` set, 2 ``clast``; ARGV: 1 the buyer.
+_CLAST_FIX_LUA = """
+local top = redis.call('ZREVRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+if #top == 0 then return redis.call('ZREM', KEYS[2], ARGV[1]) end
+redis.call('ZADD', KEYS[2], top[2], ARGV[1])
+return 0
 """
 
 
-def _log_member(kind: str, payment_id: str, encoded: str) -> str:
-    """Creators' logs keep only (payment, buyer): that is all their features read."""
-    if kind == "creator":
-        user = encoded.split(_SEP, 4)[3]
-        return f"{payment_id}{_SEP}{user}"
-    return encoded
-
-
 class RedisEventState(EventState):
-    """The state in Redis (production): sorted sets scored by microseconds, one round trip per call.
+    """The state in Redis (production): sorted sets scored by microseconds, one round trip per read.
 
     Keys (``P`` = ``aipic:<project>``): ``P:log:<kind>:<key>`` (records by time),
     ``P:disp:<kind>:<key>`` (dispute ids by reported time), ``P:first:<user>`` (``what:value``
     by first time, kept minimal with ``ZADD LT``), ``P:pay:<payment_id>`` (hash routing a
-    dispute and erasure), ``P:cpay:<creator>`` (all payment ids by time),
-    ``P:upay:<user>`` / ``P:xpay:<kind>:<key>`` (payment ids of a person or instrument, for erasure).
+    dispute and erasure), ``P:cpay:<creator>`` (all payment ids by time), ``P:clast:<creator>``
+    (buyer -> latest payment time, ``ZADD GT``), ``P:cbuy:<creator>\\x1f<buyer>`` (that buyer's
+    payment ids with the creator by time), ``P:upay:<user>`` / ``P:xpay:<kind>:<key>`` (payment
+    ids of a person or instrument, for erasure). A single Redis server (the read script builds
+    ``cbuy`` key names itself, which Redis Cluster would refuse). A state written before the
+    ``clast``/``cbuy`` keys existed has no creator counts: rebuild it (``aipic features build``).
     """
 
     def __init__(self, client: redis.Redis, project: str) -> None:
@@ -630,30 +740,65 @@ class RedisEventState(EventState):
         self.project = project
         self.prefix = f"aipic:{project}:"
         self._sha: str | None = None
+        self._log = {kind: f"{self.prefix}log:{kind}:" for kind in LOG_ENTITIES}
+        self._disp = {kind: f"{self.prefix}disp:{kind}:" for kind in ("user", "card", "creator")}
+        self._dispute_windows = [str(len(CREATOR_DISPUTE_WINDOWS))]
+        self._fix = client.register_script(_CLAST_FIX_LUA)
+        self._apply = client.register_script(_WRITE_LUA)
 
     def _k(self, *parts: str) -> str:
         return self.prefix + ":".join(parts)
 
+    def _pair(self, creator: str, user: str) -> str:
+        return f"{self.prefix}cbuy:{creator}{_SEP}{user}"
+
     def write(self, batch: StateBatch) -> None:
-        pipe = self.client.pipeline(transaction=True)
+        """One script call per `_WRITE_CHUNK` keys (a live payment: one call, one command).
+
+        A call is atomic. A bulk load's chunks go in one pipeline but not in one MULTI/EXEC:
+        that would hold every reply until the last chunk ran (seconds for a full load, past
+        the client's socket timeout). Writes are idempotent, so a load cut short is finished
+        by running it again.
+        """
+        keys: list[str] = []
+        args: list[str | int] = []
         for pid, ts, user, card, device, ip, creator, enc in batch.payments:
-            mapping: dict[str | bytes, str | int] = {"ts": ts, "user": user, "card": card or "", "rec": enc}
-            mapping.update({"device": device or "", "ip": ip or "", "creator": creator or ""})
-            pipe.hset(self._k("pay", pid), mapping=mapping)
-            pipe.zadd(self._k("upay", user), {pid: ts})
+            keys.append(self._k("pay", pid))
+            args += ("h", 7, "ts", ts, "user", user, "card", card or "", "rec", enc)
+            args += ("device", device or "", "ip", ip or "", "creator", creator or "")
+            keys.append(self._k("upay", user))
+            args += ("z", ts, pid)
             for kind, key in (("card", card), ("device", device), ("ip", ip)):
                 if key is not None:
-                    pipe.zadd(self._k("xpay", kind, key), {pid: ts})
+                    keys.append(self._k("xpay", kind, key))
+                    args += ("z", ts, pid)
             if creator is not None:
-                pipe.zadd(self._k("cpay", creator), {pid: ts})
-        for kind, key, ts, pid, enc in batch.logs:
-            pipe.zadd(self._k("log", kind, key), {_log_member(kind, pid, enc): ts})
+                keys += (self._k("cpay", creator), self._pair(creator, user), self._k("clast", creator))
+                args += ("z", ts, pid, "z", ts, pid, "GT", ts, user)
+        for kind, key, ts, _pid, enc in batch.logs:
+            keys.append(self._log[kind] + key)
+            args += ("z", ts, enc)
         for user, what, value, ts in batch.first_seen:
-            pipe.zadd(self._k("first", user), {f"{what}:{value}": ts}, lt=True)
+            keys.append(self._k("first", user))
+            args += ("LT", ts, f"{what}:{value}")
         for kind, key, dispute_id, ts in batch.disputes:
-            pipe.zadd(self._k("disp", kind, key), {dispute_id: ts})
+            keys.append(self._k("disp", kind, key))
+            args += ("z", ts, dispute_id)
         for (kind, key), floor in batch.prune.items():
-            pipe.zremrangebyscore(self._k("log", kind, key), "-inf", f"({floor}")
+            keys.append(self._log[kind] + key)
+            args += ("p", f"({floor}")
+        if not keys:
+            return
+        if len(keys) <= _WRITE_CHUNK:
+            self._apply(keys=keys, args=args)
+            return
+        pipe = self.client.pipeline(transaction=False)
+        a = 0
+        for i in range(0, len(keys), _WRITE_CHUNK):
+            chunk = keys[i : i + _WRITE_CHUNK]
+            b = _ops_end(args, a, len(chunk))
+            self._apply(keys=chunk, args=args[a:b], client=pipe)
+            a = b
         pipe.execute()
 
     def payment_routes(self, payment_ids: Sequence[str]) -> dict[str, tuple[str, str | None, str | None]]:
@@ -669,77 +814,79 @@ class RedisEventState(EventState):
     def snapshot(
         self, rec: PaymentRecord, profiles: Sequence[ProfileQuery] = (), *, retry: bool = True
     ) -> Snapshot:
-        t = rec.ts
-        lo = t - WINDOWS[HISTORY_WINDOW]
         from redis.exceptions import NoScriptError
 
-        pipe = self.client.pipeline(transaction=False)
-        kinds = [k for k in VELOCITY_ENTITIES if rec.key(k) is not None]
-        for kind in kinds:
-            pipe.zrangebyscore(self._k("log", kind, str(rec.key(kind))), f"({lo}", f"({t}")
-        if rec.creator_id is not None:  # aggregated in Redis: a creator may have thousands of sales
-            pipe.evalsha(
-                self._creator_sha(),
-                1,
-                self._k("log", "creator", rec.creator_id),
-                f"({lo}",
-                f"({t}",
-                rec.user_id,
-            )
-        pipe.zcount(self._k("disp", "user", rec.user_id), "-inf", f"({t}")
-        if rec.card is not None:
-            pipe.zcount(self._k("disp", "card", rec.card), "-inf", f"({t}")
-        if rec.creator_id is not None:
-            pipe.zcount(self._k("disp", "creator", rec.creator_id), "-inf", f"({t}")
-            for w in CREATOR_DISPUTE_WINDOWS:
-                pipe.zcount(self._k("disp", "creator", rec.creator_id), f"({t - WINDOWS[w]}", f"({t}")
-            pipe.zcount(self._k("cpay", rec.creator_id), "-inf", f"({t}")
-        wanted = [("card", rec.card), ("device", rec.device), ("country", rec.ip_country)]
-        pipe.zmscore(self._k("first", rec.user_id), [f"{w}:{v}" for w, v in wanted])
+        t = rec.ts
+        lo, tx = f"({t - HISTORY_US}", f"({t}"
+        user, card, device, ip, creator = rec.user_id, rec.card, rec.device, rec.ip, rec.creator_id
+        log, disp, p = self._log, self._disp, self.prefix
+        keys: list[str | bytes] = [
+            log["user"] + user,
+            "" if card is None else log["card"] + card,
+            "" if device is None else log["device"] + device,
+            "" if ip is None else log["ip"] + ip,
+            disp["user"] + user,
+            "" if card is None else disp["card"] + card,
+            "" if creator is None else disp["creator"] + creator,
+            "" if creator is None else f"{p}cpay:{creator}",
+            "" if creator is None else f"{p}clast:{creator}",
+            f"{p}first:{user}",
+        ]
+        args: list[str | bytes | int] = [
+            lo,
+            tx,
+            t,
+            "" if creator is None else f"{p}cbuy:{creator}{_SEP}",
+            user,
+            f"card:{card}",
+            f"device:{device}",
+            f"country:{rec.ip_country}",
+            *self._dispute_windows,
+            *(f"({t - w}" for w in _CREATOR_DISPUTE_WIDTHS),
+            len(profiles),
+        ]
         for q in profiles:
-            for key in q.redis_keys:
-                pipe.hmget(key, list(q.redis_fields))
+            keys += q.redis_keys
+            args += (len(q.redis_keys), len(q.redis_fields), *q.redis_fields)
         try:
-            results = pipe.execute()
+            if self._sha is None:
+                self._sha = str(self.client.script_load(_SNAPSHOT_LUA))
+            reply = self.client.evalsha(
+                self._sha, 10 + sum(len(q.redis_keys) for q in profiles), *keys, *args
+            )
         except NoScriptError:  # the server lost its script cache (restart, SCRIPT FLUSH): load again
             if not retry:
                 raise
             self._sha = None
             return self.snapshot(rec, profiles, retry=False)
-        res = iter(results)
         snap = Snapshot()
-        for kind in kinds:
-            snap.logs[kind] = [PaymentRecord.decode(m) for m in next(res)]
-        if rec.creator_id is not None:
-            snap.creator_n, snap.creator_buyers, snap.creator_same = (int(v) for v in next(res))
-        snap.user_disputes = int(next(res))
-        if rec.card is not None:
-            snap.card_disputes = int(next(res))
-        if rec.creator_id is not None:
-            snap.creator_disputes = {"all": int(next(res))}
-            for w in CREATOR_DISPUTE_WINDOWS:
-                snap.creator_disputes[w] = int(next(res))
-            snap.creator_prior = int(next(res))
-        scores = next(res)
+        decode = PaymentRecord.decode
+        logs = snap.logs
+        for kind, members in zip(VELOCITY_ENTITIES, reply[:4], strict=True):
+            if members is not None:
+                records = [decode(m) for m in members]
+                if len({r.payment_id for r in records}) != len(records):
+                    records = _one_per_payment(records)  # a duplicate sent with other content
+                logs[kind] = records
+        snap.user_disputes = int(reply[4])
+        snap.card_disputes = int(reply[5])
+        c = reply[6]
+        if c is not None:
+            snap.creator_n, snap.creator_buyers, snap.creator_same, snap.creator_prior, d_all = c[:5]
+            snap.creator_disputes = {"all": d_all, **dict(zip(CREATOR_DISPUTE_WINDOWS, c[5:], strict=True))}
+        scores = reply[7]
         snap.first_seen = {
-            w: (int(s) if s is not None and v is not None else None)
-            for (w, v), s in zip(wanted, scores, strict=True)
+            "card": None if card is None or scores[0] is None else int(scores[0]),
+            "device": None if device is None or scores[1] is None else int(scores[1]),
+            "country": None if rec.ip_country is None or scores[2] is None else int(scores[2]),
         }
+        i = 8
         for q in profiles:
-            rows = [[parse_value(v) for v in next(res)] for _ in q.redis_keys]
+            n = len(q.redis_keys)
+            rows = [[parse_value(v) for v in values] for values in reply[i : i + n]]
             snap.profiles.append(_profile_dicts(q.fields, rows))
-        for kind in snap.logs:  # a duplicate sent with other content: keep one record per payment
-            if len({r.payment_id for r in snap.logs[kind]}) != len(snap.logs[kind]):
-                seen: dict[str, PaymentRecord] = {}
-                for r in sorted(snap.logs[kind], key=lambda r: (r.ts, r.encode())):
-                    seen.setdefault(r.payment_id, r)
-                snap.logs[kind] = list(seen.values())
+            i += n
         return snap
-
-    def _creator_sha(self) -> str:
-        if self._sha is None:
-            self._sha = str(self.client.script_load(_CREATOR_LUA))
-        return self._sha
 
     def delete(self, entity: str, keys: Sequence[str]) -> int:
         c = self.client
@@ -764,8 +911,9 @@ class RedisEventState(EventState):
                 doomed += [self._k("first", key), self._k("upay", key)]
             if entity in ("card", "device", "ip"):
                 doomed.append(self._k("xpay", entity, key))
-            if entity == "creator":
-                doomed.append(self._k("cpay", key))
+            if entity == "creator":  # its sales, buyers and per-buyer sets; buyers keep their history
+                buyers = [m.decode() for m in c.zrange(self._k("clast", key), 0, -1)]
+                doomed += [self._k("cpay", key), self._k("clast", key), *(self._pair(key, u) for u in buyers)]
             if doomed:
                 n += int(c.delete(*doomed))
         return n
@@ -781,14 +929,15 @@ class RedisEventState(EventState):
         encs = pipe.execute()
         pipe = c.pipeline(transaction=True)
         n = 0
+        pairs: set[tuple[str, str]] = set()
         for pid, enc in zip(pids, encs, strict=True):
             if enc is None:
                 continue
             rec = PaymentRecord.decode(enc)
-            for kind in LOG_ENTITIES:
+            for kind in VELOCITY_ENTITIES:
                 key = rec.key(kind)
                 if key is not None:
-                    pipe.zrem(self._k("log", kind, key), _log_member(kind, pid, enc.decode()))
+                    pipe.zrem(self._log[kind] + key, enc)
             pipe.delete(self._k("pay", pid))
             pipe.zrem(self._k("upay", rec.user_id), pid)
             for kind in ("card", "device", "ip"):
@@ -797,9 +946,13 @@ class RedisEventState(EventState):
                     pipe.zrem(self._k("xpay", kind, key), pid)
             if rec.creator_id is not None:
                 pipe.zrem(self._k("cpay", rec.creator_id), pid)
+                pipe.zrem(self._pair(rec.creator_id, rec.user_id), pid)
+                pairs.add((rec.creator_id, rec.user_id))
             if first_member is not None:
                 pipe.zrem(self._k("first", rec.user_id), first_member)
             n += 1
+        for creator, user in sorted(pairs):  # in the same transaction, after the removals
+            self._fix(keys=[self._pair(creator, user), self._k("clast", creator)], args=[user], client=pipe)
         pipe.execute()
         return n
 
@@ -815,6 +968,14 @@ class RedisEventState(EventState):
 
     def close(self) -> None:
         self.client.close()
+
+
+def _one_per_payment(records: list[PaymentRecord]) -> list[PaymentRecord]:
+    """Keep one record per payment id (the earliest, then smallest encoding): deterministic."""
+    seen: dict[str, PaymentRecord] = {}
+    for r in sorted(records, key=lambda r: (r.ts, r.encode())):
+        seen.setdefault(r.payment_id, r)
+    return list(seen.values())
 
 
 # --- the API's entry point ------------------------------------------------------------------------
@@ -879,6 +1040,10 @@ class OnlineFeatures:
         self._lock = threading.Lock()
         self._profile_fields = {pv.name: tuple(pv.fields) for pv in PROFILE_VIEWS}
         self._redis_fields: dict[str, tuple[bytes, ...]] = {}
+        cfg = self.store.config
+        self._redis_project = cfg.project.encode() if cfg.online_store.type == "redis" else None
+        self._key_heads: dict[str, bytes] = {}
+        self._check_key_heads()
         if self.store.config.registry.enable_online_feature_view_versioning:
             raise OnlineFeatureError("online feature view versioning is not supported by the profile reads")
         if self.store.config.online_store.type == "sqlite":
@@ -915,34 +1080,60 @@ class OnlineFeatures:
 
     def _profile_query(self, view: str, join_key: str, keys: Sequence[str]) -> ProfileQuery:
         """How to read profile rows straight from Feast's online layout (see `ProfileQuery`)."""
-        from feast.infra.key_encoding_utils import serialize_entity_key
-        from feast.infra.online_stores.helpers import _mmh3, _redis_key
-        from feast.protos.feast.types.EntityKey_pb2 import EntityKey
-        from feast.protos.feast.types.Value_pb2 import Value
-
-        cfg = self.store.config
         fields = self._profile_fields[view]
-        eks = [EntityKey(join_keys=[join_key], entity_values=[Value(string_val=k)]) for k in keys]
-        version = cfg.entity_key_serialization_version
-        if cfg.online_store.type == "redis":
+        if self._redis_project is not None:
             if view not in self._redis_fields:
+                from feast.infra.online_stores.helpers import _mmh3
+
                 self._redis_fields[view] = tuple(_mmh3(f"{view}:{f}") for f in fields)
             return ProfileQuery(
                 view,
                 fields,
-                redis_keys=tuple(
-                    _redis_key(cfg.project, ek, entity_key_serialization_version=version) for ek in eks
-                ),
+                redis_keys=tuple(self._entity_key(join_key, k) + self._redis_project for k in keys),
                 redis_fields=self._redis_fields[view],
             )
         return ProfileQuery(
             view,
             fields,
-            sqlite_table=f"{cfg.project}_{view}",
-            sqlite_keys=tuple(
-                serialize_entity_key(ek, entity_key_serialization_version=version) for ek in eks
-            ),
+            sqlite_table=f"{self.store.config.project}_{view}",
+            sqlite_keys=tuple(self._entity_key(join_key, k) for k in keys),
         )
+
+    def _entity_key(self, join_key: str, value: str) -> bytes:
+        """Feast's serialized entity key of one string join key, without building protobufs.
+
+        Feast's v3 layout: key count, then per key its type, length and name, then per value
+        its type, length and bytes. ``__init__`` checks this against Feast's own serializer and
+        falls back to it if they differ (another serialization version, a changed layout).
+        """
+        raw = value.encode()
+        head = self._key_heads.get(join_key)
+        if head is not None:
+            return head + _U32.pack(len(raw)) + raw
+        return self._feast_entity_key(join_key, value)
+
+    def _feast_entity_key(self, join_key: str, value: str) -> bytes:
+        from feast.infra.key_encoding_utils import serialize_entity_key
+        from feast.protos.feast.types.EntityKey_pb2 import EntityKey
+        from feast.protos.feast.types.Value_pb2 import Value
+
+        ek = EntityKey(join_keys=[join_key], entity_values=[Value(string_val=value)])
+        version = self.store.config.entity_key_serialization_version
+        return serialize_entity_key(ek, entity_key_serialization_version=version)
+
+    def _check_key_heads(self) -> None:
+        """Use the fast entity-key encoding only where it gives Feast's bytes exactly."""
+        from feast.protos.feast.types.Value_pb2 import ValueType
+
+        string = _U32.pack(ValueType.STRING)
+        for join_key in ("user_id", "item_id"):
+            name = join_key.encode()
+            head = _U32.pack(1) + string + _U32.pack(len(name)) + name + string
+            self._key_heads[join_key] = head
+            for probe in ("u1", "ü-\x1f-ключ", ""):
+                if self._entity_key(join_key, probe) != self._feast_entity_key(join_key, probe):
+                    del self._key_heads[join_key]
+                    break
 
     def _write_profile(
         self, view: str, join_key: str, key: str, values: dict[str, Any], when: dt.datetime
@@ -1014,8 +1205,11 @@ class OnlineFeatures:
         return True
 
     def update_interactions(self, events: Sequence[Any]) -> None:
-        """Interactions carry nothing the fraud features use (recommendations keep their own state)."""
-        return None
+        """Interactions feed no fraud feature: they go to the recommender's per-person history
+        (Feast view ``recommender_user_history``, see `features.rec_feast`)."""
+        from features.rec_feast import history_store
+
+        history_store(self.store).append(events)
 
     # -- reads -------------------------------------------------------------------------------
     def payment_vector(
@@ -1087,20 +1281,17 @@ def online_payment_vector(
 def delete_entities(online: OnlineFeatures, entity_name: str, keys: Iterable[str]) -> int:
     """Erase every online value keyed by ``entity_name`` (Feast views and the event state).
 
-    Feast has no per-key delete: for its SQLite store the rows of every view of the entity
-    are deleted by serialized entity key; for Redis the entity's hash (all views of one
-    entity live in one hash) is deleted. The event state drops the entity's logs, disputes,
-    first-seen times and every payment record that mentions the key (``payment``: by id).
-    Returns the number of records removed.
+    One call of `features.privacy.erasure.erase_online_entities`, the same function the
+    right-to-erasure path uses. Returns the number of records removed.
     """
-    from features.store import delete_feast_entities
+    from features.feature_repo import ENTITY_JOIN_KEYS
+    from features.privacy.erasure import FeastOnline, erase_online_entities
 
     if entity_name not in ERASABLE:
         raise OnlineFeatureError(f"cannot erase entity {entity_name!r}; known: {ERASABLE}")
-    key_list = [str(k) for k in keys]
-    n = online.state.delete(entity_name, key_list)
-    n += delete_feast_entities(online.store, entity_name, key_list)
-    return n
+    targets = {ENTITY_JOIN_KEYS[entity_name]: [str(k) for k in keys]}
+    counts = erase_online_entities(targets, feast=FeastOnline.from_store(online.store), state=online.state)
+    return sum(counts.values())
 
 
 def load_state(
@@ -1109,6 +1300,7 @@ def load_state(
     *,
     chunk: int = 50_000,
     on_progress: Any = None,
+    until: dt.datetime | None = None,
 ) -> dict[str, int]:
     """Fill the event state from the event tables (after a build; idempotent).
 
@@ -1116,6 +1308,8 @@ def load_state(
     per-entity logs receive the payments of the last `RETENTION_US` before the newest one
     (older ones would be pruned anyway); first-seen times are the minima over all history.
     Rows are encoded by DuckDB and written in batches: no Python loop over single events.
+    ``until`` keeps only payments before it and disputes reported before it: the state a
+    live system had at that time (the benchmark replays the rest as live traffic).
     """
     import duckdb
 
@@ -1124,6 +1318,7 @@ def load_state(
     pay = str(table_path(events_dir, "payments")).replace("'", "''")
     con = duckdb.connect()
     sep = "chr(31)"
+    cutoff = to_us(until) if until is not None else 2**62
     enc = (
         f"concat(epoch_us(payment_time), {sep}, payment_id, {sep}, floor(amount * 100 + 0.5)::BIGINT, {sep}, "
         f"user_id, {sep}, coalesce(card_fingerprint, ''), {sep}, coalesce(device_id, ''), {sep}, "
@@ -1132,7 +1327,7 @@ def load_state(
     con.execute(f"""
         CREATE TEMP TABLE p AS SELECT payment_id, epoch_us(payment_time) AS ts, user_id, card_fingerprint AS card,
           device_id AS device, ip, ip_country, creator_id, {enc} AS rec
-        FROM read_parquet('{pay}') WHERE kind = 'purchase'
+        FROM read_parquet('{pay}') WHERE kind = 'purchase' AND epoch_us(payment_time) < {cutoff}
     """)
     newest = con.execute("SELECT max(ts) FROM p").fetchone()
     horizon = (newest[0] if newest and newest[0] is not None else 0) - RETENTION_US
@@ -1155,7 +1350,6 @@ def load_state(
             ("card", "card"),
             ("device", "device"),
             ("ip", "ip"),
-            ("creator", "creator_id"),
         )
     )
     for rows in batches(logs):
@@ -1174,7 +1368,7 @@ def load_state(
         dsp = str(table_path(events_dir, "disputes")).replace("'", "''")
         routed = " UNION ALL ".join(
             f"SELECT '{k}', p.{c}, d.dispute_id, epoch_us(d.reported_time) FROM read_parquet('{dsp}') d "
-            f"JOIN p USING (payment_id) WHERE p.{c} IS NOT NULL"
+            f"JOIN p USING (payment_id) WHERE p.{c} IS NOT NULL AND epoch_us(d.reported_time) < {cutoff}"
             for k, c in (("user", "user_id"), ("card", "card"), ("creator", "creator_id"))
         )
         for rows in batches(routed):

@@ -6,6 +6,12 @@ snapshot of the event tables strictly before a request time (sparse user × item
 item-item co-purchase / co-view neighbours, item popularity), and `pair_features` turns
 (user, item, context) triples into the model matrix. Serving one request and building a training
 set of a million rows go through the same `pair_features`, so they cannot drift apart.
+
+A snapshot has two sides. The item side (`Catalogue`: items, `item_*` statistics, item-item
+graphs) is shared by every request and built by the feature build. The person side
+(`UserSide`, from `user_side`) is row-local: a person's rows depend on their own interactions
+only, so serving builds them per request from the person's history row (`person_state`), and
+`build_state(events, t, catalogue=...)` builds the same rows for everybody as of t.
 """
 
 from __future__ import annotations
@@ -214,6 +220,152 @@ EASE_LAMBDA = 500.0
 EASE_MAX_ITEMS = 5000  # EASE inverts an items × items matrix: only the most bought items
 EASE_NEIGHBOURS = 200
 EVENT_WEIGHT = {"view": 1.0, "like": 2.0, "add_to_cart": 2.0, "purchase": 3.0}
+#: Fixed sort codes of event types (canonical event order); other types sort last.
+EVENT_CODES = {"view": 0, "like": 1, "add_to_cart": 2, "purchase": 3}
+
+
+@dataclass
+class Catalogue:
+    """The item side of a snapshot: what every request shares, built once as of `as_of`.
+
+    Item attributes and `item_*` statistics, the item-item graphs (co-purchase, co-view,
+    EASE) and who owns which creator account. The graphs are whole-catalogue structures that
+    change with every purchase of anybody and cost an EASE inversion to rebuild, so they are a
+    model-side artifact (`save` / `load`), not Feast rows; the `item_*` statistics are also
+    written to the Feast view ``recommender_item`` by the feature build.
+    """
+
+    as_of: pd.Timestamp
+    items: pd.Index
+    item_creator: np.ndarray  # int codes into `creators`
+    creators: pd.Index
+    item_style: np.ndarray  # int codes into `styles`
+    styles: pd.Index
+    item_active: np.ndarray  # bool: listed and active
+    item_created_days: np.ndarray  # days before as_of the item was listed
+    item_stats: dict[str, np.ndarray]  # item_* feature columns, one value per item
+    copurchase: sp.csr_matrix  # items × items cosine, top neighbours per row
+    coview: sp.csr_matrix
+    ease: sp.csr_matrix  # items × items EASE weights (positive, top neighbours per row)
+    creator_owner: dict[str, np.ndarray]  # user_id -> creator codes the person owns
+    half_life_days: float = HALF_LIFE_DAYS
+    derived: dict[str, Any] = field(default_factory=dict, repr=False)  # lazily built item lookups
+
+    def save(self, path: Path) -> None:
+        """Write the artifact atomically (pickle: scipy matrices and pandas indexes as they are)."""
+        import pickle
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        state = {k: v for k, v in self.__dict__.items() if k != "derived"}
+        with tmp.open("wb") as fh:
+            pickle.dump(
+                {"format": CATALOGUE_FORMAT, "catalogue": state}, fh, protocol=pickle.HIGHEST_PROTOCOL
+            )
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: Path) -> Catalogue:
+        """Read an artifact written by `save` (the project's own file, never user input)."""
+        import pickle
+
+        if not path.exists():
+            raise RecDataError(f"recommender catalogue {path} not found: run `aipic features build` first")
+        with path.open("rb") as fh:
+            raw = pickle.load(fh)  # the feature build of this deployment wrote it
+        if not isinstance(raw, dict) or raw.get("format") != CATALOGUE_FORMAT:
+            raise RecDataError(f"{path}: not a recommender catalogue of format {CATALOGUE_FORMAT}")
+        return cls(**raw["catalogue"])
+
+
+CATALOGUE_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class History:
+    """Interactions as parallel arrays: a whole event table, or one person's Feast history row."""
+
+    user_id: np.ndarray  # str
+    item_id: np.ndarray  # str
+    event_type: np.ndarray  # str (view, like, add_to_cart, purchase)
+    ts_us: np.ndarray  # int64 microseconds since the epoch, UTC
+    quantity: np.ndarray  # float64
+
+    def __len__(self) -> int:
+        return len(self.ts_us)
+
+    @classmethod
+    def from_frame(cls, inter: pd.DataFrame) -> History:
+        """From an interactions table (event_time as datetimes, quantity may be missing)."""
+        return cls(
+            user_id=inter["user_id"].astype(str).to_numpy(dtype=object),
+            item_id=inter["item_id"].astype(str).to_numpy(dtype=object),
+            event_type=inter["event_type"].astype(str).to_numpy(dtype=object),
+            ts_us=to_us(inter["event_time"]),
+            quantity=inter["quantity"].fillna(1).to_numpy(np.float64),
+        )
+
+    @classmethod
+    def of_person(
+        cls,
+        user_id: str,
+        item_id: Sequence[str],
+        event_type: Sequence[str],
+        ts_us: Sequence[int],
+        quantity: Sequence[float],
+    ) -> History:
+        """One person's history as stored in the Feast view ``recommender_user_history``."""
+        n = len(ts_us)
+        return cls(
+            user_id=np.full(n, user_id, dtype=object),
+            item_id=np.asarray(item_id, dtype=object),
+            event_type=np.asarray(event_type, dtype=object),
+            ts_us=np.asarray(ts_us, dtype=np.int64),
+            quantity=np.asarray(quantity, dtype=np.float64),
+        )
+
+    def take(self, mask: np.ndarray) -> History:
+        return History(
+            self.user_id[mask],
+            self.item_id[mask],
+            self.event_type[mask],
+            self.ts_us[mask],
+            self.quantity[mask],
+        )
+
+
+_EPOCH = pd.Timestamp("1970-01-01", tz="UTC")
+US_PER_DAY = 86_400_000_000
+
+
+def to_us(times: pd.Series) -> np.ndarray:
+    """Exact integer microseconds since the epoch (naive times are UTC)."""
+    return ((_utc_series(times) - _EPOCH) // pd.Timedelta(microseconds=1)).to_numpy(np.int64)
+
+
+def ts_to_us(ts: pd.Timestamp | str) -> int:
+    return int((_as_utc(ts) - _EPOCH) // pd.Timedelta(microseconds=1))
+
+
+@dataclass
+class UserSide:
+    """What the snapshot knows about persons: their rows of every user × item / style / creator
+    matrix and their `user_*` statistics. Row-local: a person's rows depend on their own
+    events only, so one person's history gives exactly their rows of the full snapshot."""
+
+    users: pd.Index
+    user_stats: dict[str, np.ndarray]  # user_* feature columns, one value per user
+    buys: sp.csr_matrix  # users × items purchase events
+    bought: sp.csr_matrix  # binary version of `buys`
+    qty: sp.csr_matrix
+    buys_decay: sp.csr_matrix
+    last_buy: sp.csr_matrix  # 1 + days since last purchase (0 = never)
+    first_buy: sp.csr_matrix
+    views: sp.csr_matrix
+    views_decay: sp.csr_matrix
+    liked: sp.csr_matrix
+    style_aff: sp.csr_matrix  # users × styles, decayed activity share
+    creator_aff: sp.csr_matrix  # users × creators
 
 
 @dataclass
@@ -246,7 +398,69 @@ class RecState:
     coview: sp.csr_matrix
     ease: sp.csr_matrix  # items × items EASE weights (positive, top neighbours per row)
     creator_owner: dict[str, np.ndarray]  # user_id -> creator codes the person owns
-    derived: dict[str, Any] = field(default_factory=dict, repr=False)  # lazily built lookups
+    derived: dict[str, Any] = field(default_factory=dict, repr=False)  # lazily built item lookups
+    catalogue_as_of: pd.Timestamp | None = None  # when the item side was built (default: as_of)
+    half_life_days: float = HALF_LIFE_DAYS
+    user_memo: dict[tuple[str, str, int], np.ndarray] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def assemble(cls, cat: Catalogue, people: UserSide, as_of: pd.Timestamp) -> RecState:
+        """A state from a (shared) catalogue and the persons' side as of `as_of`.
+
+        The catalogue's lazily built lookups are shared, not copied: a request's state costs
+        only its person's rows.
+        """
+        return cls(
+            as_of=as_of,
+            users=people.users,
+            items=cat.items,
+            item_creator=cat.item_creator,
+            creators=cat.creators,
+            item_style=cat.item_style,
+            styles=cat.styles,
+            item_active=cat.item_active,
+            item_created_days=cat.item_created_days,
+            item_stats=cat.item_stats,
+            user_stats=people.user_stats,
+            buys=people.buys,
+            bought=people.bought,
+            qty=people.qty,
+            buys_decay=people.buys_decay,
+            last_buy=people.last_buy,
+            first_buy=people.first_buy,
+            views=people.views,
+            views_decay=people.views_decay,
+            liked=people.liked,
+            style_aff=people.style_aff,
+            creator_aff=people.creator_aff,
+            copurchase=cat.copurchase,
+            coview=cat.coview,
+            ease=cat.ease,
+            creator_owner=cat.creator_owner,
+            derived=cat.derived,
+            catalogue_as_of=cat.as_of,
+            half_life_days=cat.half_life_days,
+        )
+
+    def catalogue(self) -> Catalogue:
+        """The item side of this state (sharing its lookups)."""
+        return Catalogue(
+            as_of=self.catalogue_as_of if self.catalogue_as_of is not None else self.as_of,
+            items=self.items,
+            item_creator=self.item_creator,
+            creators=self.creators,
+            item_style=self.item_style,
+            styles=self.styles,
+            item_active=self.item_active,
+            item_created_days=self.item_created_days,
+            item_stats=self.item_stats,
+            copurchase=self.copurchase,
+            coview=self.coview,
+            ease=self.ease,
+            creator_owner=self.creator_owner,
+            half_life_days=self.half_life_days,
+            derived=self.derived,
+        )
 
     @property
     def n_items(self) -> int:
@@ -264,7 +478,7 @@ class RecState:
     def user_graph(self, user_key: str, graph_key: str, row: int) -> np.ndarray:
         """Dense (user matrix row @ item graph), memoised: candidates and features of one
         request need the same products, and a heavy buyer's costs a millisecond."""
-        memo: dict[tuple[str, str, int], np.ndarray] = self.derived.setdefault("user_graph", {})
+        memo = self.user_memo
         key = (user_key, graph_key, row)
         hit = memo.get(key)
         if hit is None:
@@ -307,17 +521,48 @@ def _utc_series(s: pd.Series) -> pd.Series:
     return s.dt.tz_localize("UTC") if s.dt.tz is None else s.dt.tz_convert("UTC")
 
 
-def _matrix(
-    rows: np.ndarray, cols: np.ndarray, vals: np.ndarray, shape: tuple[int, int], agg: str
+def _csr(rows: np.ndarray, cols: np.ndarray, vals: np.ndarray, shape: tuple[int, int]) -> sp.csr_matrix:
+    """CSR straight from entries already sorted by (row, column) without duplicates.
+
+    Why not the (data, (rows, cols)) constructor: it goes through COO and costs ~100 µs per
+    matrix, and a request builds a dozen of them for its person.
+    """
+    indptr = np.zeros(shape[0] + 1, dtype=np.int32)
+    np.cumsum(np.bincount(rows, minlength=shape[0]), out=indptr[1:])
+    return sp.csr_matrix((vals.astype(np.float32), cols.astype(np.int32), indptr), shape=shape, copy=False)
+
+
+def _matrix_sum(
+    rows: np.ndarray, cols: np.ndarray, vals: np.ndarray, shape: tuple[int, int]
 ) -> sp.csr_matrix:
-    """Sparse matrix from triplets; duplicates summed (`sum`) or max-reduced (`max`)."""
-    if agg == "sum":
-        return sp.csr_matrix((vals.astype(np.float32), (rows, cols)), shape=shape)
-    frame = pd.DataFrame({"r": rows, "c": cols, "v": vals})
-    red = frame.groupby(["r", "c"], sort=False)["v"].max()
-    r = red.index.get_level_values(0).to_numpy()
-    c = red.index.get_level_values(1).to_numpy()
-    return sp.csr_matrix((red.to_numpy(np.float32), (r, c)), shape=shape)
+    """Sparse matrix from triplets, duplicates summed in float64 in input order, then float32.
+
+    Why not scipy's duplicate summation: the sum must not depend on the other rows, so that
+    one person's rows built from their own history equal their rows of the full snapshot bit
+    for bit (the online/offline parity test holds that to 1e-9).
+    """
+    if len(rows) == 0:
+        return sp.csr_matrix(shape, dtype=np.float32)
+    key = rows.astype(np.int64) * np.int64(shape[1]) + cols
+    order = np.argsort(key, kind="stable")
+    k = key[order]
+    starts = np.flatnonzero(np.r_[True, k[1:] != k[:-1]])
+    sums = np.add.reduceat(np.asarray(vals, dtype=np.float64)[order], starts)
+    uk = k[starts]
+    return _csr(uk // shape[1], uk % shape[1], sums, shape)
+
+
+def _matrix_max(
+    rows: np.ndarray, cols: np.ndarray, vals: np.ndarray, shape: tuple[int, int]
+) -> sp.csr_matrix:
+    """Sparse matrix from triplets, duplicates max-reduced."""
+    if len(rows) == 0:
+        return sp.csr_matrix(shape, dtype=np.float32)
+    key = rows.astype(np.int64) * np.int64(shape[1]) + cols
+    order = np.lexsort((vals, key))
+    k = key[order]
+    last = order[np.r_[k[1:] != k[:-1], True]]
+    return _csr(rows[last], cols[last], np.asarray(vals, dtype=np.float64)[last], shape)
 
 
 def _cosine_neighbours(x: sp.csr_matrix, top: int) -> sp.csr_matrix:
@@ -382,93 +627,88 @@ def _distinct_buyers(p: pd.DataFrame, days: float, n_items: int) -> np.ndarray:
     return out
 
 
-def build_state(
-    events: RecEvents, as_of: pd.Timestamp | str, half_life_days: float = HALF_LIFE_DAYS
-) -> RecState:
-    """Snapshot of everything known strictly before `as_of` (point-in-time correct)."""
-    t0 = _as_utc(as_of)
-    inter = events.interactions
-    inter = inter.assign(event_time=_utc_series(inter["event_time"]))
-    inter = inter[inter["event_time"] < t0]
-    items_df = events.items.assign(created_time=_utc_series(events.items["created_time"]))
-    seen_items = set(inter["item_id"].unique())
-    items_df = items_df[(items_df["created_time"] < t0) | items_df["item_id"].isin(seen_items)]
-    items_df = items_df.drop_duplicates("item_id").reset_index(drop=True)
-    inter = inter[inter["item_id"].isin(items_df["item_id"])]
-    if inter.empty:
-        raise RecDataError(f"no interactions before {t0:%Y-%m-%d}: nothing to recommend from")
+@dataclass(frozen=True)
+class _Events:
+    """A history restricted to catalogue items and strictly before `t_us`, in canonical order."""
 
-    items = pd.Index(items_df["item_id"].astype(str))
-    users = pd.Index(np.sort(inter["user_id"].astype(str).unique()))
-    n_u, n_i = len(users), len(items)
-    creator_codes, creators = pd.factorize(items_df["creator_id"].astype(str))
-    style_codes, styles = pd.factorize(items_df["style"].astype(str))
+    users: pd.Index
+    u: np.ndarray
+    i: np.ndarray
+    kind: np.ndarray  # event type names
+    age: np.ndarray  # days before the snapshot
+    qty: np.ndarray
+    decay: np.ndarray
 
-    ev = pd.DataFrame(
-        {
-            "u": users.get_indexer(pd.Index(inter["user_id"].astype(str))),
-            "i": items.get_indexer(pd.Index(inter["item_id"].astype(str))),
-            "type": inter["event_type"].astype(str).to_numpy(),
-            "age": _days_before(inter["event_time"], t0),
-            "qty": inter["quantity"].fillna(1).to_numpy(np.float64),
-        }
-    )
-    ev["decay"] = np.exp(-np.log(2.0) * ev["age"] / half_life_days)
-    p = ev[ev["type"] == "purchase"]
-    v = ev[ev["type"] == "view"]
-    lc = ev[ev["type"].isin(["like", "add_to_cart"])]
-    shape = (n_u, n_i)
-    ur, ic = p["u"].to_numpy(), p["i"].to_numpy()
-    buys = _matrix(ur, ic, np.ones(len(p)), shape, "sum")
-    qty = _matrix(ur, ic, p["qty"].to_numpy(), shape, "sum")
-    buys_decay = _matrix(ur, ic, p["decay"].to_numpy(), shape, "sum")
-    last_buy = _matrix(ur, ic, 1.0 / (1.0 + p["age"].to_numpy()), shape, "max")
-    last_buy.data = (1.0 / last_buy.data).astype(np.float32)  # 1 + days since the latest purchase
-    first_buy = _matrix(ur, ic, p["age"].to_numpy() + 1.0, shape, "max")
-    views = _matrix(v["u"].to_numpy(), v["i"].to_numpy(), np.ones(len(v)), shape, "sum")
-    views_decay = _matrix(v["u"].to_numpy(), v["i"].to_numpy(), v["decay"].to_numpy(), shape, "sum")
-    liked = _matrix(lc["u"].to_numpy(), lc["i"].to_numpy(), np.ones(len(lc)), shape, "max")
 
-    w = ev["type"].map(EVENT_WEIGHT).fillna(1.0).to_numpy() * ev["decay"].to_numpy()
-    style_aff = _row_share(
-        _matrix(ev["u"].to_numpy(), style_codes[ev["i"].to_numpy()], w, (n_u, len(styles)), "sum")
-    )
-    creator_aff = _row_share(
-        _matrix(ev["u"].to_numpy(), creator_codes[ev["i"].to_numpy()], w, (n_u, len(creators)), "sum")
-    )
-    browse = views + liked
-    copurchase = _cosine_neighbours(buys, NEIGHBOURS)
-    coview = (
-        _cosine_neighbours(browse, NEIGHBOURS) if browse.nnz else sp.csr_matrix((n_i, n_i), dtype=np.float32)
-    )
-
-    created_days = _days_before(items_df["created_time"], t0)
-    first_sale = p.groupby("i")["age"].max()
-    listed = created_days.copy()
-    listed[first_sale.index.to_numpy()] = np.maximum(
-        listed[first_sale.index.to_numpy()], first_sale.to_numpy()
-    )
-    item_stats = _item_stats(p, v, items_df, style_codes, listed, n_i)
-    user_stats = _user_stats(p, v, items_df, n_u)
-    owner: dict[str, np.ndarray] = {}
-    if events.creators is not None and "user_id" in events.creators:
-        own = events.creators.dropna(subset=["user_id"])
-        codes = creators.get_indexer(pd.Index(own["creator_id"].astype(str)))
-        keep = codes >= 0
-        grouped = pd.Series(codes[keep]).groupby(own["user_id"].astype(str).to_numpy()[keep])
-        owner = {str(k): g.to_numpy() for k, g in grouped}
-    return RecState(
-        as_of=t0,
+def _events(hist: History, items: pd.Index, t_us: int, half_life_days: float) -> _Events:
+    """Canonical order (person, time, type, item, quantity): a person's events come in the same
+    order whether they are read from the whole table or from their own history row."""
+    cols = items.get_indexer(pd.Index(hist.item_id)) if len(hist) else np.empty(0, np.int64)
+    keep = (hist.ts_us < t_us) & (cols >= 0)
+    h = hist.take(keep)
+    cols = cols[keep].astype(np.int64)
+    if len(h) == 0:
+        users, u = pd.Index([], dtype=object), np.empty(0, np.int64)
+    elif (h.user_id == h.user_id[0]).all():  # one person's history row: no hashing needed
+        users, u = pd.Index([str(h.user_id[0])], dtype=object), np.zeros(len(h), np.int64)
+    else:
+        users = pd.Index(np.unique(h.user_id.astype(str)))
+        u = users.get_indexer(pd.Index(h.user_id)).astype(np.int64)
+    kind = h.event_type.astype(str)
+    code = np.full(len(kind), len(EVENT_CODES), dtype=np.int64)
+    for name, c in EVENT_CODES.items():
+        code[kind == name] = c
+    order = np.lexsort((h.quantity, cols, code, h.ts_us, u))
+    age = (t_us - h.ts_us[order]) / float(US_PER_DAY)
+    return _Events(
         users=users,
-        items=items,
-        item_creator=creator_codes.astype(np.int64),
-        creators=pd.Index(creators.astype(str)),
-        item_style=style_codes.astype(np.int64),
-        styles=pd.Index(styles.astype(str)),
-        item_active=(items_df["status"].astype(str) == "active").to_numpy(),
-        item_created_days=listed,
-        item_stats=item_stats,
-        user_stats=user_stats,
+        u=u[order],
+        i=cols[order],
+        kind=kind[order],
+        age=age,
+        qty=h.quantity[order],
+        decay=np.exp(-np.log(2.0) * age / half_life_days),
+    )
+
+
+def user_side(
+    hist: History,
+    cat: Catalogue,
+    as_of: pd.Timestamp | str,
+    *,
+    _ev: _Events | None = None,
+) -> UserSide:
+    """The persons' rows as of `as_of` from their interactions with the catalogue's items.
+
+    The one computation of everything personal: `build_state` runs it over the whole event
+    table, the online path over one person's history row read from Feast.
+    """
+    t_us = ts_to_us(as_of)
+    ev = _ev if _ev is not None else _events(hist, cat.items, t_us, cat.half_life_days)
+    n_u, n_i = len(ev.users), len(cat.items)
+    shape = (n_u, n_i)
+    p = ev.kind == "purchase"
+    v = ev.kind == "view"
+    lc = (ev.kind == "like") | (ev.kind == "add_to_cart")
+    ur, ic = ev.u[p], ev.i[p]
+    buys = _matrix_sum(ur, ic, np.ones(int(p.sum())), shape)
+    qty = _matrix_sum(ur, ic, ev.qty[p], shape)
+    buys_decay = _matrix_sum(ur, ic, ev.decay[p], shape)
+    last_buy = _matrix_max(ur, ic, 1.0 / (1.0 + ev.age[p]), shape)
+    last_buy.data = (1.0 / last_buy.data).astype(np.float32)  # 1 + days since the latest purchase
+    first_buy = _matrix_max(ur, ic, ev.age[p] + 1.0, shape)
+    views = _matrix_sum(ev.u[v], ev.i[v], np.ones(int(v.sum())), shape)
+    views_decay = _matrix_sum(ev.u[v], ev.i[v], ev.decay[v], shape)
+    liked = _matrix_max(ev.u[lc], ev.i[lc], np.ones(int(lc.sum())), shape)
+    w = np.ones(len(ev.kind))
+    for kind, weight in EVENT_WEIGHT.items():
+        w[ev.kind == kind] = weight
+    w *= ev.decay
+    style_aff = _row_share(_matrix_sum(ev.u, cat.item_style[ev.i], w, (n_u, len(cat.styles))))
+    creator_aff = _row_share(_matrix_sum(ev.u, cat.item_creator[ev.i], w, (n_u, len(cat.creators))))
+    return UserSide(
+        users=ev.users,
+        user_stats=_user_stats(ev, cat.item_stats["item_log_price"], n_u),
         buys=buys,
         bought=_binary(buys),
         qty=qty,
@@ -480,17 +720,112 @@ def build_state(
         liked=liked,
         style_aff=style_aff,
         creator_aff=creator_aff,
-        copurchase=copurchase,
-        coview=coview,
-        ease=ease_neighbours(buys),
-        creator_owner=owner,
     )
 
 
+def person_state(
+    cat: Catalogue, user_id: str, history: History | None, as_of: pd.Timestamp | str
+) -> RecState:
+    """The state one request needs: the shared catalogue plus this person's rows as of `as_of`.
+
+    What serving builds from the person's Feast history row; equal, row for row, to the
+    person's rows of `build_state(events, as_of, catalogue=cat)`.
+    """
+    t0 = _as_utc(as_of)
+    hist = history if history is not None else History.of_person(user_id, [], [], [], [])
+    return RecState.assemble(cat, user_side(hist, cat, t0), t0)
+
+
+def build_catalogue(
+    events: RecEvents, as_of: pd.Timestamp | str, half_life_days: float = HALF_LIFE_DAYS
+) -> Catalogue:
+    """The item side of `build_state` alone (what the feature build writes as an artifact)."""
+    return build_state(events, as_of, half_life_days).catalogue()
+
+
+def build_state(
+    events: RecEvents,
+    as_of: pd.Timestamp | str,
+    half_life_days: float = HALF_LIFE_DAYS,
+    *,
+    catalogue: Catalogue | None = None,
+) -> RecState:
+    """Snapshot of everything known strictly before `as_of` (point-in-time correct).
+
+    With `catalogue`, the item side (items, item statistics, graphs) is that artifact and
+    only the persons' side is computed as of `as_of`: the offline equivalent of serving, which
+    reads fresh person rows against the catalogue of the last feature build.
+    """
+    t0 = _as_utc(as_of)
+    t_us = ts_to_us(t0)
+    hist = History.from_frame(events.interactions)
+    if catalogue is not None:
+        return RecState.assemble(catalogue, user_side(hist, catalogue, t0), t0)
+
+    items_df = events.items.assign(created_time=_utc_series(events.items["created_time"]))
+    before = hist.ts_us < t_us
+    seen_items = set(np.unique(hist.item_id[before]).tolist())
+    items_df = items_df[(items_df["created_time"] < t0) | items_df["item_id"].astype(str).isin(seen_items)]
+    items_df = items_df.drop_duplicates("item_id").reset_index(drop=True)
+    items = pd.Index(items_df["item_id"].astype(str))
+    creator_codes, creators = pd.factorize(items_df["creator_id"].astype(str))
+    style_codes, styles = pd.factorize(items_df["style"].astype(str))
+    ev = _events(hist, items, t_us, half_life_days)
+    if len(ev.u) == 0:
+        raise RecDataError(f"no interactions before {t0:%Y-%m-%d}: nothing to recommend from")
+    n_i = len(items)
+    frame = pd.DataFrame({"u": ev.u, "i": ev.i, "age": ev.age})
+    p = frame[ev.kind == "purchase"]
+    v = frame[ev.kind == "view"]
+
+    created_days = _days_before(items_df["created_time"], t0)
+    first_sale = p.groupby("i")["age"].max()
+    listed = created_days.copy()
+    listed[first_sale.index.to_numpy()] = np.maximum(
+        listed[first_sale.index.to_numpy()], first_sale.to_numpy()
+    )
+    item_stats = _item_stats(p, v, items_df, style_codes, listed, n_i)
+    owner: dict[str, np.ndarray] = {}
+    if events.creators is not None and "user_id" in events.creators:
+        own = events.creators.dropna(subset=["user_id"])
+        codes = pd.Index(creators.astype(str)).get_indexer(pd.Index(own["creator_id"].astype(str)))
+        keep = codes >= 0
+        grouped = pd.Series(codes[keep]).groupby(own["user_id"].astype(str).to_numpy()[keep])
+        owner = {str(k): g.to_numpy() for k, g in grouped}
+    cat = Catalogue(
+        as_of=t0,
+        items=items,
+        item_creator=creator_codes.astype(np.int64),
+        creators=pd.Index(creators.astype(str)),
+        item_style=style_codes.astype(np.int64),
+        styles=pd.Index(styles.astype(str)),
+        item_active=(items_df["status"].astype(str) == "active").to_numpy(),
+        item_created_days=listed,
+        item_stats=item_stats,
+        copurchase=sp.csr_matrix((n_i, n_i), dtype=np.float32),
+        coview=sp.csr_matrix((n_i, n_i), dtype=np.float32),
+        ease=sp.csr_matrix((n_i, n_i), dtype=np.float32),
+        creator_owner=owner,
+        half_life_days=half_life_days,
+    )
+    people = user_side(hist, cat, t0, _ev=ev)
+    browse = people.views + people.liked
+    cat.copurchase = _cosine_neighbours(people.buys, NEIGHBOURS)
+    cat.coview = (
+        _cosine_neighbours(browse, NEIGHBOURS) if browse.nnz else sp.csr_matrix((n_i, n_i), dtype=np.float32)
+    )
+    cat.ease = ease_neighbours(people.buys)
+    return RecState.assemble(cat, people, t0)
+
+
 def _row_share(m: sp.csr_matrix) -> sp.csr_matrix:
-    total = np.asarray(m.sum(axis=1)).ravel()
+    """Each row divided by its sum (float64 per row, then float32): row-local like the rest."""
+    rows = np.repeat(np.arange(m.shape[0]), np.diff(m.indptr))
+    total = np.bincount(rows, weights=m.data, minlength=m.shape[0])
     total[total == 0] = 1.0
-    return sp.csr_matrix(sp.diags(1.0 / total) @ m).astype(np.float32)
+    return sp.csr_matrix(
+        ((m.data / total[rows]).astype(np.float32), m.indices, m.indptr), shape=m.shape, copy=False
+    )
 
 
 def _item_stats(
@@ -539,26 +874,52 @@ def _item_stats(
     }
 
 
-def _user_stats(p: pd.DataFrame, v: pd.DataFrame, items_df: pd.DataFrame, n_u: int) -> dict[str, np.ndarray]:
-    def per_user(series: pd.Series, fill: float = np.nan) -> np.ndarray:
-        out = np.full(n_u, fill)
-        out[series.index.to_numpy()] = series.to_numpy()
-        return out
+def _per_user_min(u: np.ndarray, x: np.ndarray, n_u: int) -> np.ndarray:
+    out = np.full(n_u, np.inf)
+    np.minimum.at(out, u, x)
+    out[np.isinf(out)] = np.nan
+    return out
 
-    n_purchases = per_user(p.groupby("u").size(), 0.0)
-    n_items = per_user(p.groupby("u")["i"].nunique(), 0.0)
-    log_price = np.log1p(np.maximum(items_df["price"].to_numpy(np.float64), 0.0))
+
+def _per_user_max(u: np.ndarray, x: np.ndarray, n_u: int) -> np.ndarray:
+    out = np.full(n_u, -np.inf)
+    np.maximum.at(out, u, x)
+    out[np.isinf(out)] = np.nan
+    return out
+
+
+def _per_user_median(u: np.ndarray, x: np.ndarray, n_u: int) -> np.ndarray:
+    """Median per user, (a + b) / 2 of the middle pair: the same arithmetic for one or many users."""
+    out = np.full(n_u, np.nan)
+    if len(u) == 0:
+        return out
+    order = np.lexsort((x, u))
+    us, xs = u[order], x[order]
+    counts = np.bincount(us, minlength=n_u)
+    has = np.flatnonzero(counts)
+    starts = np.r_[0, np.cumsum(counts)[:-1]][has]
+    c = counts[has]
+    out[has] = (xs[starts + (c - 1) // 2] + xs[starts + c // 2]) / 2.0
+    return out
+
+
+def _user_stats(ev: _Events, log_price: np.ndarray, n_u: int) -> dict[str, np.ndarray]:
+    p = ev.kind == "purchase"
+    v = ev.kind == "view"
+    pu, pi = ev.u[p], ev.i[p]
+    n_purchases = np.bincount(pu, minlength=n_u).astype(np.float64)
+    pairs = np.unique(pu * np.int64(max(len(log_price), 1)) + pi)
+    n_items = np.bincount(pairs // max(len(log_price), 1), minlength=n_u).astype(np.float64)
+    views_30d = np.bincount(ev.u[v & (ev.age < 30)], minlength=n_u).astype(np.float64)
     return {
         "user_n_purchases": n_purchases,
         "user_n_items": n_items,
         "user_repeat_share": np.where(n_purchases > 0, 1.0 - n_items / np.maximum(n_purchases, 1.0), np.nan),
-        "user_days_since_purchase": per_user(p.groupby("u")["age"].min()),
-        "user_days_since_first": per_user(p.groupby("u")["age"].max()),
-        "user_price_band": per_user(
-            pd.Series(log_price[p["i"].to_numpy()]).groupby(p["u"].to_numpy()).median()
-        ),
-        "user_n_views_30d": per_user(v[v["age"] < 30].groupby("u").size(), 0.0),
-        "user_days_since_view": per_user(v.groupby("u")["age"].min()),
+        "user_days_since_purchase": _per_user_min(pu, ev.age[p], n_u),
+        "user_days_since_first": _per_user_max(pu, ev.age[p], n_u),
+        "user_price_band": _per_user_median(pu, log_price[pi], n_u),
+        "user_n_views_30d": views_30d,
+        "user_days_since_view": _per_user_min(ev.u[v], ev.age[v], n_u),
     }
 
 

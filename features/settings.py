@@ -27,6 +27,22 @@ class Settings(BaseSettings):
     # Stores
     online_store: Literal["sqlite", "redis"] = "sqlite"
     redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_socket_timeout: float = Field(
+        default=0.5,
+        gt=0,
+        description="Seconds one Redis command may wait for its answer; then it fails (scoring degrades).",
+    )
+    redis_socket_connect_timeout: float = Field(
+        default=0.5, gt=0, description="Seconds to open a Redis connection before giving up."
+    )
+    redis_retries: int = Field(
+        default=1,
+        ge=0,
+        le=5,
+        description="Immediate retries of a Redis command on a connection error or timeout (a stale "
+        "pooled connection needs one); serving's event state uses no backoff so a dead Redis costs at "
+        "most (1 + retries) timeouts.",
+    )
     feast_project: str = Field(
         default="aipic",
         pattern=r"^[a-z][a-z0-9_]*$",
@@ -102,12 +118,21 @@ class Settings(BaseSettings):
         default="2000/second", description="Rate limit per API key (`limits` syntax)."
     )
     person_rate_limit: str = Field(default="20/second", description="Rate limit per person token subject.")
-    max_body_bytes: int = Field(default=65_536, ge=1024, description="Larger request bodies get 413.")
+    max_body_bytes: int = Field(
+        default=65_536, ge=1024, description="Larger request bodies get 422 (invalid input)."
+    )
     model_poll_seconds: float = Field(
         default=30.0, ge=0, description="How often serving checks for a new champion (0 = only on reload)."
     )
     online_retry_seconds: float = Field(
         default=2.0, ge=0, description="After an online-store failure, score degraded this long, then retry."
+    )
+    decision_threads: int = Field(
+        default=8,
+        ge=1,
+        le=64,
+        description="Worker threads computing decisions (gate, features, model) at once; more only "
+        "contend for the GIL. Also sizes the database connection pool.",
     )
     bench_noop_endpoint: bool = Field(
         default=False, description="Expose POST /v1/bench/noop (benchmark ceiling)."

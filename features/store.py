@@ -19,13 +19,12 @@ import json
 import sys
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from features.feature_repo import (
-    ENTITY_JOIN_KEYS,
     PROFILE_VIEWS,
     feast_objects,
     feature_sets,
@@ -55,8 +54,12 @@ def configuration_name(settings: Settings) -> str:
     return "production" if settings.online_store == "redis" else "local"
 
 
-def _redis_connection_string(url: str) -> str:
-    """``redis://[:pw@]host:port/db`` -> Feast's ``host:port,db=N[,password=pw]``."""
+def _redis_connection_string(url: str, settings: Settings | None = None) -> str:
+    """``redis://[:pw@]host:port/db`` -> Feast's ``host:port,db=N[,password=pw][,ssl=true]``.
+
+    With ``settings``, the socket timeouts are appended (Feast passes them on to redis-py): a
+    Redis that does not answer fails after the timeout instead of hanging the caller.
+    """
     parts = urlsplit(url)
     if parts.scheme not in ("redis", "rediss"):
         raise StoreError(f"AIPIC_REDIS_URL must start with redis:// (got scheme {parts.scheme!r})")
@@ -67,7 +70,28 @@ def _redis_connection_string(url: str) -> str:
         out += f",password={parts.password}"
     if parts.scheme == "rediss":
         out += ",ssl=true"
+    if settings is not None:
+        out += f",socket_timeout={settings.redis_socket_timeout}"
+        out += f",socket_connect_timeout={settings.redis_socket_connect_timeout}"
     return out
+
+
+def redis_client(settings: Settings) -> Any:
+    """A redis-py client with the configured timeouts and few, immediate retries.
+
+    redis-py's default retries three times with exponential backoff (a refused connection then
+    takes about 7 s); serving wants to notice a dead Redis within a timeout or two and degrade.
+    """
+    import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    return redis.Redis.from_url(
+        settings.redis_url,
+        socket_timeout=settings.redis_socket_timeout,
+        socket_connect_timeout=settings.redis_socket_connect_timeout,
+        retry=Retry(NoBackoff(), settings.redis_retries),
+    )
 
 
 def _registry_url(settings: Settings) -> str:
@@ -90,7 +114,7 @@ def feature_store_config(settings: Settings) -> dict[str, Any]:
     if settings.online_store == "redis":
         online = {
             "type": "redis",
-            "connection_string": _redis_connection_string(settings.redis_url),
+            "connection_string": _redis_connection_string(settings.redis_url, settings),
             # last writer wins: a profile pushed with the same timestamp (a KYC change) must land
             "skip_dedup": True,
         }
@@ -150,9 +174,7 @@ def open_event_state(settings: Settings | None = None) -> EventState:
 
     s = settings or get_settings()
     if s.online_store == "redis":
-        import redis
-
-        return RedisEventState(redis.Redis.from_url(s.redis_url), s.feast_project)
+        return RedisEventState(redis_client(s), s.feast_project)
     repo = s.feature_repo_dir
     return SqliteEventState(repo / "online_state.db", s.feast_project, feast_db=repo / "online.db")
 
@@ -222,46 +244,6 @@ def write_profile_tables(events_dir: Path, out_dir: Path) -> dict[str, int]:
     finally:
         con.close()
     return rows
-
-
-def delete_feast_entities(store: FeatureStore, entity_name: str, keys: Sequence[str]) -> int:
-    """Delete every Feast online row of these entity keys (Feast offers no per-key delete).
-
-    SQLite: one table per view (``<project>_<view>``), rows keyed by the serialized entity
-    key. Redis: one hash per entity key (serialized key + project) holding all its views.
-    """
-    from feast.infra.key_encoding_utils import serialize_entity_key
-    from feast.infra.online_stores.helpers import _redis_key, compute_table_id
-    from feast.protos.feast.types.EntityKey_pb2 import EntityKey
-    from feast.protos.feast.types.Value_pb2 import Value
-
-    join_key = ENTITY_JOIN_KEYS.get(entity_name)
-    if join_key is None or not keys:
-        return 0
-    cfg = store.config
-    protos = [EntityKey(join_keys=[join_key], entity_values=[Value(string_val=k)]) for k in keys]
-    views = [
-        fv
-        for fv in store.list_feature_views()
-        if fv.online and any(e.name == join_key for e in fv.entity_columns)
-    ]
-    online: Any = store._get_provider().online_store
-    if cfg.online_store.type == "redis":
-        client = online._get_client(cfg.online_store)
-        redis_keys = [_redis_key(cfg.project, ek, cfg.entity_key_serialization_version) for ek in protos]
-        return int(client.delete(*redis_keys))
-    conn = online._get_conn(cfg)
-    ser = [
-        serialize_entity_key(ek, entity_key_serialization_version=cfg.entity_key_serialization_version)
-        for ek in protos
-    ]
-    n = 0
-    with conn:
-        for fv in views:
-            table = compute_table_id(cfg.project, fv, cfg.registry.enable_online_feature_view_versioning)
-            for k in ser:
-                n += conn.execute(f'DELETE FROM "{table}" WHERE entity_key = ?', (k,)).rowcount
-    return n
 
 
 def build_features(

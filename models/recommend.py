@@ -240,8 +240,21 @@ def rank_batch(
     )
 
 
-def recommend(rec: Recommender, request: RecRequest) -> list[Recommendation]:
-    """Serve one request: at most k items, each with the reason it is shown."""
+@dataclass(frozen=True)
+class ScoredRequest:
+    """One request's candidates, their model inputs and scores, and where it stood."""
+
+    scored: Scored
+    row: int  # the person's row in the state (-1: no profile used)
+    ctx_col: int  # the picture on screen (-1: none)
+
+
+def score_request(rec: Recommender, request: RecRequest) -> ScoredRequest:
+    """Candidates, features and scores of one request (before the top-k and the reasons).
+
+    The serving path's model inputs: the online/offline parity test compares these vectors,
+    for every candidate, with the ones the training code computes as of the same time.
+    """
     check_k(request.k)
     ranker = rec.rankers.get(request.tier)
     if ranker is None:
@@ -262,8 +275,16 @@ def recommend(rec: Recommender, request: RecRequest) -> list[Recommendation]:
         exclude=exclude,
         config=rec.candidates,
     )
+    return ScoredRequest(scored, row, ctx_col)
+
+
+def recommend(rec: Recommender, request: RecRequest) -> list[Recommendation]:
+    """Serve one request: at most k items, each with the reason it is shown."""
+    one = score_request(rec, request)
+    scored, row, ctx_col = one.scored, one.row, one.ctx_col
     if scored.scores is None:
         return []
+    state = rec.state
     best = top_k(state, scored, request.k, rec.rules.max_per_creator)
     reasons = explain(state, row, best.items, best.sources, ctx_col, rec.item_labels)
     return [

@@ -37,8 +37,8 @@ People send `Authorization: Bearer <JWT>` issued by the marketplace (development
 --subject USER_ID`) and only ever see their own decisions and data.
 
 **Errors.** 401 missing/invalid credentials, 403 authenticated but not allowed, 404 not found (also for a
-decision about someone else), 413 body too large, 422 invalid input (the message names the field), 429 rate
-limit, 503 not ready.
+decision about someone else), 422 invalid input (the message names the field; also a body over the size
+limit), 429 rate limit, 503 not ready.
 """
 
 
@@ -67,10 +67,10 @@ def create_app(
     """
     s = settings or get_settings()
     if services is None:
-        from features.db import engine_for
+        from serving.services import serving_engine
 
         services = Services.create(
-            s, engine or engine_for(s.resolved_database_url), tuple(model_names), feature_source, model_loader
+            s, engine or serving_engine(s), tuple(model_names), feature_source, model_loader
         )
     svc = services
 

@@ -163,6 +163,15 @@ class ApiKeyStore:
             self._cache[key_id] = entry
         return entry
 
+    def needs_lookup(self, key: str) -> bool:
+        """Whether `verify` would query the database (no fresh cache entry): call it in a thread then."""
+        parts = _split_key(key)
+        if parts is None or len(key) > 200:
+            return False
+        with self._lock:
+            hit = self._cache.get(parts[0])
+        return hit is None or time.monotonic() - hit.fetched >= self.cache_seconds
+
     def verify(self, key: str) -> Principal:
         """The key's principal, or AuthError. Digests are compared in constant time."""
         parts = _split_key(key)

@@ -207,8 +207,39 @@ def _metric_2xx(metrics_text: str, route: str) -> int:
     return int(total)
 
 
+def process_cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of a process so far (Linux ``/proc``; None elsewhere).
+
+    The server's CPU per request is the benchmark figure a busy shared machine distorts least:
+    throughput and latency move with other jobs' load, the work done per request much less.
+    """
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _with_server_cpu(pid: int, run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """Run one load phase; add the server's CPU milliseconds per request it answered."""
+    before = process_cpu_seconds(pid)
+    result = run()
+    after = process_cpu_seconds(pid)
+    n = result.get("requests") or 0
+    result["server_cpu_ms_per_request"] = (
+        round((after - before) * 1000 / n, 3) if before is not None and after is not None and n else None
+    )
+    return result
+
+
+@dataclass(frozen=True)
+class _Running:
+    url: str
+    pid: int
+
+
 @contextlib.contextmanager
-def _server(env: dict[str, str], port: int, timeout: float, log: Path) -> Iterator[str]:
+def _server(env: dict[str, str], port: int, timeout: float, log: Path) -> Iterator[_Running]:
     import httpx
 
     url = f"http://127.0.0.1:{port}"
@@ -230,7 +261,7 @@ def _server(env: dict[str, str], port: int, timeout: float, log: Path) -> Iterat
             if time.monotonic() > deadline:
                 raise BenchError(f"the server was not ready after {timeout:.0f}s ({detail}); see {log}")
             time.sleep(0.5)
-        yield url
+        yield _Running(url, proc.pid)
     finally:
         proc.terminate()
         try:
@@ -239,27 +270,14 @@ def _server(env: dict[str, str], port: int, timeout: float, log: Path) -> Iterat
             proc.kill()
 
 
-def _prepare_online_store(settings: Settings) -> dict[str, int]:
-    """The Redis online store of the bench project, loaded like `aipic features build` does."""
-    from features.online import OnlineFeatures, load_state
-    from features.store import (
-        apply_repo,
-        materialize_repo,
-        offline_dir,
-        open_feature_store,
-        write_profile_tables,
-    )
+def _prepare_online_store(settings: Settings) -> dict[str, Any]:
+    """The Redis online store of the bench project, built like `aipic features build` does
+    (offline tables of every feature set, apply, materialise, event state)."""
+    from features.store import build_features
 
-    write_profile_tables(settings.events_dir, offline_dir(settings))
-    store = open_feature_store(settings)
-    apply_repo(store, settings)
-    materialize_repo(store, settings)
-    online = OnlineFeatures(settings, store=store)
-    try:
-        online.state.clear()
-        return load_state(online, settings.events_dir)
-    finally:
-        online.close()
+    summary = build_features(settings.events_dir, settings)
+    state: dict[str, Any] = summary.get("online_state", {})
+    return state
 
 
 def _cleanup_redis(url: str, project: str) -> int:
@@ -336,7 +354,8 @@ def run_bench(cfg: BenchConfig, base: Settings | None = None, step: Step | None 
         files["recommendations"].write_text(json.dumps(recs))
         port = _free_port()
         say("starting the server (one uvicorn worker)")
-        with _server(env, port, cfg.startup_timeout, work / "server.log") as url:
+        with _server(env, port, cfg.startup_timeout, work / "server.log") as server:
+            url = server.url
             wrk = cfg.use_wrk and shutil.which("wrk") is not None
             script = work / "score.lua"
             if wrk:
@@ -344,8 +363,15 @@ def run_bench(cfg: BenchConfig, base: Settings | None = None, step: Step | None 
 
             def ceiling(route: str) -> dict[str, Any]:
                 if wrk:
-                    return _wrk(url + route, script, cfg.duration, cfg.concurrency)
-                return _loadgen(url + route, files["score"], key, "closed", cfg.duration, 0, cfg.concurrency)
+                    return _with_server_cpu(
+                        server.pid, lambda: _wrk(url + route, script, cfg.duration, cfg.concurrency)
+                    )
+                return _with_server_cpu(
+                    server.pid,
+                    lambda: _loadgen(
+                        url + route, files["score"], key, "closed", cfg.duration, 0, cfg.concurrency
+                    ),
+                )
 
             say("warm-up")
             _loadgen(url + ROUTES["score"], files["score"], key, "closed", 2, 0, 8)
@@ -357,25 +383,31 @@ def run_bench(cfg: BenchConfig, base: Settings | None = None, step: Step | None 
             score_max = ceiling(ROUTES["score"])
             time.sleep(1)
             say(f"scoring at {cfg.score_rate:.0f}/s ({cfg.duration:.0f}s)")
-            score = _loadgen(
-                url + ROUTES["score"],
-                files["score"],
-                key,
-                "fixed",
-                cfg.duration,
-                cfg.score_rate,
-                cfg.concurrency,
+            score = _with_server_cpu(
+                server.pid,
+                lambda: _loadgen(
+                    url + ROUTES["score"],
+                    files["score"],
+                    key,
+                    "fixed",
+                    cfg.duration,
+                    cfg.score_rate,
+                    cfg.concurrency,
+                ),
             )
             time.sleep(1)
             say(f"recommendations at {cfg.rec_rate:.0f}/s ({cfg.duration:.0f}s)")
-            rec = _loadgen(
-                url + ROUTES["recommendations"],
-                files["recommendations"],
-                key,
-                "fixed",
-                cfg.duration,
-                cfg.rec_rate,
-                cfg.concurrency,
+            rec = _with_server_cpu(
+                server.pid,
+                lambda: _loadgen(
+                    url + ROUTES["recommendations"],
+                    files["recommendations"],
+                    key,
+                    "fixed",
+                    cfg.duration,
+                    cfg.rec_rate,
+                    cfg.concurrency,
+                ),
             )
             time.sleep(1)
             import httpx
@@ -384,12 +416,13 @@ def run_bench(cfg: BenchConfig, base: Settings | None = None, step: Step | None 
         answered = _metric_2xx(metrics, ROUTES["score"]) + _metric_2xx(metrics, ROUTES["recommendations"])
         with engine.connect() as conn:
             logged = int(conn.execute(text("SELECT count(*) FROM decision_log")).scalar_one())
-        keep = ("requests_per_s", "p50_ms", "p99_ms", "errors")
+        keep = ("requests_per_s", "p50_ms", "p99_ms", "errors", "server_cpu_ms_per_request")
         score_out = {k: score[k] for k in keep} | {
             "target_rate": cfg.score_rate,
             "max_requests_per_s": score_max["requests_per_s"],
             "max_p99_ms": score_max["p99_ms"],
             "share_of_noop": round(score_max["requests_per_s"] / max(noop["requests_per_s"], 1e-9), 3),
+            "max_server_cpu_ms_per_request": score_max["server_cpu_ms_per_request"],
         }
         result = {
             "noop": {k: noop[k] for k in keep},
@@ -418,6 +451,7 @@ def run_bench(cfg: BenchConfig, base: Settings | None = None, step: Step | None 
                 "decision_log": "postgresql",
                 "online_state_loaded": loaded,
                 "cpus": os.cpu_count(),
+                "load_average": os.getloadavg(),  # at the end of the run: how busy the machine was
             },
         }
         return result
@@ -435,7 +469,7 @@ def render(result: dict[str, Any], score_rate: float, rec_rate: float) -> Any:
     from rich.table import Table
 
     table = Table(title="aipic bench serve (one uvicorn worker, Redis online store, PostgreSQL log)")
-    for col in ("phase", "requests/s", "p50 ms", "p99 ms", "errors"):
+    for col in ("phase", "requests/s", "p50 ms", "p99 ms", "errors", "server CPU ms/req"):
         table.add_column(col, justify="left" if col == "phase" else "right")
     rows = [
         ("no-op ceiling", result["phases"]["noop"]),
@@ -446,9 +480,19 @@ def render(result: dict[str, Any], score_rate: float, rec_rate: float) -> Any:
     for name, r in rows:
         p50 = "-" if r["p50_ms"] is None else f"{r['p50_ms']:.2f}"
         p99 = "-" if r["p99_ms"] is None else f"{r['p99_ms']:.2f}"
-        table.add_row(name, f"{r['requests_per_s']:.0f}", p50, p99, str(r["errors"]))
+        cpu = r.get("server_cpu_ms_per_request")
+        table.add_row(
+            name,
+            f"{r['requests_per_s']:.0f}",
+            p50,
+            p99,
+            str(r["errors"]),
+            "-" if cpu is None else f"{cpu:.2f}",
+        )
+    load = result.get("setup", {}).get("load_average")
     table.caption = (
-        f"2xx answers (score + recommendations) {result['responses_2xx']} = decisions logged "
+        (f"load average {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} (1/5/15 min); " if load else "")
+        + f"2xx answers (score + recommendations) {result['responses_2xx']} = decisions logged "
         f"{result['decisions_logged']}: "
         + ", ".join(f"{k} {'PASS' if v else 'FAIL'}" for k, v in result["targets"].items())
     )

@@ -19,10 +19,10 @@ import datetime as dt
 import math
 import uuid
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-import anyio
 from sqlalchemy import (
     JSON,
     Boolean,
@@ -37,6 +37,7 @@ from sqlalchemy import (
     select,
     update,
 )
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Mapped, mapped_column
 
 from features.db import Base
@@ -185,6 +186,7 @@ class DecisionWriter:
         self._queue: asyncio.Queue[_Pending] | None = None
         self._task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: ThreadPoolExecutor | None = None  # one: batches commit in order, one at a time
         self.written = 0
 
     async def write(self, row: dict[str, Any], review: dict[str, Any] | None = None) -> None:
@@ -195,40 +197,63 @@ class DecisionWriter:
             self._queue = asyncio.Queue()
             self._task = asyncio.create_task(self._run(self._queue), name="decision-writer")
         fut: asyncio.Future[None] = loop.create_future()
-        await self._queue.put(_Pending(row, review, fut))
+        self._queue.put_nowait(_Pending(row, review, fut))  # unbounded: never waits
         await fut
 
     async def _run(self, queue: asyncio.Queue[_Pending]) -> None:
+        loop = asyncio.get_running_loop()
+        if self._thread is None:
+            self._thread = ThreadPoolExecutor(1, "aipic-decision-log")
         while True:
             batch = [await queue.get()]
             while not queue.empty() and len(batch) < self.max_batch:
                 batch.append(queue.get_nowait())
             try:
-                await anyio.to_thread.run_sync(
-                    self._insert, [p.row for p in batch], [p.review for p in batch if p.review is not None]
-                )
+                rows = [p.row for p in batch]
+                reviews = [p.review for p in batch if p.review is not None]
+                await loop.run_in_executor(self._thread, self._insert, rows, reviews)
             except Exception as exc:  # every waiting request gets the error, the loop goes on
                 for p in batch:
                     if not p.done.done():
                         p.done.set_exception(exc)
-                continue
-            self.written += len(batch)
-            for p in batch:
-                if not p.done.done():
-                    p.done.set_result(None)
+            else:
+                self.written += len(batch)
+                for p in batch:
+                    if not p.done.done():
+                        p.done.set_result(None)
+            finally:
+                for _ in batch:
+                    queue.task_done()
 
     def _insert(self, rows: list[dict[str, Any]], reviews: list[dict[str, Any]]) -> None:
-        with self.engine.begin() as conn:
-            conn.execute(insert(DecisionRecord), rows)
-            if reviews:
-                conn.execute(insert(ReviewRecord), reviews)
+        """One transaction; tried once more on a fresh connection if the pooled one was dead.
+
+        (Should a connection die during COMMIT itself, the retry meets the committed ids and fails
+        on the primary key: those requests get an error, never a second copy of a decision.)
+        """
+        for attempt in (1, 2):
+            try:
+                with self.engine.begin() as conn:
+                    conn.execute(insert(DecisionRecord), rows)
+                    if reviews:
+                        conn.execute(insert(ReviewRecord), reviews)
+                return
+            except DBAPIError as exc:
+                if attempt == 2 or not exc.connection_invalidated:
+                    raise
 
     async def close(self) -> None:
+        """Flush: every queued row is committed (or its request told it failed), then stop."""
         if self._task is not None:
+            if self._queue is not None and not self._task.done():
+                await self._queue.join()
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
             self._task = None
+        if self._thread is not None:
+            self._thread.shutdown(wait=True)
+            self._thread = None
 
 
 # --- reading and the review queue ----------------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Coroutine
 from typing import Annotated, Any
 
+import anyio
 from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
@@ -20,7 +21,8 @@ api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="B
 bearer = HTTPBearer(auto_error=False, description="Person token (JWT) issued by the marketplace.")
 
 
-def get_services(request: Request) -> Services:
+async def get_services(request: Request) -> Services:
+    """``async`` on purpose: FastAPI runs a plain ``def`` dependency in the thread pool (a hop per request)."""
     services: Services = request.app.state.services
     return services
 
@@ -44,7 +46,10 @@ async def authenticate(
     """The caller, from ``X-API-Key`` (backend) or ``Authorization: Bearer`` (person)."""
     try:
         if key:
-            principal = svc.keys.verify(key)
+            if svc.keys.needs_lookup(key):  # a database read: not on the event loop
+                principal = await anyio.to_thread.run_sync(svc.keys.verify, key)
+            else:
+                principal = svc.keys.verify(key)
         elif token is not None and token.credentials:
             principal = svc.tokens.verify(token.credentials)
         else:

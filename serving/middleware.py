@@ -1,7 +1,8 @@
 """Pure ASGI middleware (no BaseHTTPMiddleware: it costs a task per request).
 
 `GuardMiddleware` does three cheap things for every request: refuses bodies over the size limit
-with 413 (by Content-Length, or by counting a chunked body), records the latency histogram per
+with 422 (by Content-Length, or by counting a chunked body; like every other invalid input, in
+the same ``detail`` layout as a validation error), records the latency histogram per
 route template, and logs slow or failed requests without the client address, query string,
 headers or body (those can carry personal data, keys and tokens).
 """
@@ -21,11 +22,19 @@ log = logging.getLogger("aipic.serving.http")
 SLOW_SECONDS = 0.25
 
 
+TOO_LARGE_STATUS = 422
+
+
 def _too_large(limit: int) -> tuple[dict[str, Any], bytes]:
-    body = json.dumps({"detail": f"request body larger than {limit} bytes"}).encode()
+    detail = {
+        "loc": ["body"],
+        "msg": f"request body larger than {limit} bytes (AIPIC_MAX_BODY_BYTES); send a smaller body",
+        "type": "body_too_large",
+    }
+    body = json.dumps({"detail": [detail]}).encode()
     start = {
         "type": "http.response.start",
-        "status": 413,
+        "status": TOO_LARGE_STATUS,
         "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
     }
     return start, body
@@ -59,7 +68,7 @@ class GuardMiddleware:
         if declared is not None and (declared < 0 or declared > self.max_body):
             start, body = _too_large(self.max_body)
             await reply(start, body)
-            self._observe(scope, 413, started)
+            self._observe(scope, TOO_LARGE_STATUS, started)
             return
 
         if declared is None and scope.get("method") in ("POST", "PUT", "PATCH"):
@@ -76,7 +85,7 @@ class GuardMiddleware:
                 if size > self.max_body:
                     start, body = _too_large(self.max_body)
                     await reply(start, body)
-                    self._observe(scope, 413, started)
+                    self._observe(scope, TOO_LARGE_STATUS, started)
                     return
                 chunks.append(chunk)
                 more = bool(message.get("more_body", False))

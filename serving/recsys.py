@@ -1,29 +1,49 @@
 """Recommendations as the API serves them: the shared `models.recommend.recommend` plus a log record.
 
-The snapshot (`RecState`) is built from the event tables when the app starts and rebuilt when
-the recommender models change. For the decision log, the exact model input of every returned
-item is rebuilt with the same `pair_features` the ranker saw and re-scored with the logged
-bundle; its raw scores must equal the ranker's, which `recommend_logged` checks.
+Where the inputs come from (see `features.rec_feast`):
+
+* the catalogue (items, ``item_*`` features, item-item graphs) is the artifact of the last
+  ``aipic features build``, loaded when the app starts or its recommender models change;
+* the person's interactions are their row of the Feast view ``recommender_user_history``,
+  read from the online store at every request (appended to by POST /v1/events), and turned
+  into their features as of the request time by `person_state`, the function the offline
+  snapshot (`build_state`) runs for every person.
+
+For the decision log, the exact model input of every returned item is rebuilt with the same
+`pair_features` the ranker saw and re-scored with the logged bundle; its raw scores must equal
+the ranker's, which `recommend_logged` checks.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import pandas as pd
 
 from models.bundle import ModelBundle
-from models.recommend import Recommendation, Recommender, RecRequest, recommend
+from models.recommend import Recommendation, Recommender, RecRequest, ScoredRequest, recommend, score_request
+
+if TYPE_CHECKING:
+    from features.rec_features import Catalogue, History, RecState
+    from features.settings import Settings
 
 log = logging.getLogger("aipic.serving.recsys")
 
 
 class RecommenderUnavailable(RuntimeError):
-    """No snapshot or no ranker for the tier yet."""
+    """No catalogue, no ranker for the tier, or the online history could not be read."""
+
+
+class HistorySource(Protocol):
+    """Where a person's interactions are read from (the Feast online store in the API)."""
+
+    def read(self, user_id: str) -> History | None: ...
 
 
 @dataclass(frozen=True)
@@ -36,27 +56,33 @@ class LoggedRecommendation:
     raw_scores: np.ndarray
 
 
-def build_recommender(
-    events_dir: Path, bundles: dict[str, ModelBundle], as_of: pd.Timestamp | None = None
-) -> Recommender:
-    """Snapshot of the event tables as of now plus one ranker per tier (from the registry bundles)."""
-    from features.rec_features import RecEvents, build_state
+@dataclass(frozen=True)
+class _Loaded:
+    template: Recommender  # the catalogue with no person, the rankers and the rules
+    catalogue: Catalogue
+    bundles: dict[str, ModelBundle]
+    from_build: bool  # the catalogue file of the feature build (re-read when a build replaces it)
+
+
+def build_recommender(catalogue: Catalogue, bundles: dict[str, ModelBundle]) -> Recommender:
+    """A Recommender over the catalogue (no person yet) with one ranker per tier."""
+    from features.rec_features import person_state
     from models.ranker import LambdaRanker
 
-    events = RecEvents.from_dir(events_dir)
-    when = as_of if as_of is not None else pd.Timestamp.now(tz="UTC")
-    state = build_state(events, when)
     rankers = {tier: LambdaRanker.from_booster(b.booster) for tier, b in bundles.items()}
-    labels: dict[str, str] = {}
-    return Recommender(state=state, rankers=rankers, item_labels=labels)
+    return Recommender(state=person_state(catalogue, "", None, catalogue.as_of), rankers=rankers)
 
 
 class RecommenderHolder:
-    """The current Recommender and the bundles behind its rankers; swapped atomically on rebuild."""
+    """The current catalogue and rankers (swapped atomically on rebuild) and the history reader."""
 
-    def __init__(self, events_dir: Path) -> None:
+    def __init__(
+        self, events_dir: Path, settings: Settings | None = None, history: HistorySource | None = None
+    ) -> None:
         self.events_dir = events_dir
-        self._current: tuple[Recommender, dict[str, ModelBundle]] | None = None
+        self._settings = settings
+        self._history = history
+        self._current: _Loaded | None = None
         self._lock = threading.Lock()
         self.last_error: str | None = None
 
@@ -64,40 +90,105 @@ class RecommenderHolder:
     def ready(self) -> bool:
         return self._current is not None
 
+    def _offline_dir(self) -> Path:
+        from features.settings import get_settings
+        from features.store import offline_dir
+
+        return offline_dir(self._settings or get_settings())
+
+    def history(self) -> HistorySource:
+        """The Feast online history reader, opened on first use."""
+        if self._history is None:
+            with self._lock:
+                if self._history is None:
+                    from features.rec_feast import history_store
+                    from features.settings import get_settings
+                    from features.store import open_feature_store
+
+                    self._history = history_store(open_feature_store(self._settings or get_settings()))
+        return self._history
+
     def rebuild(self, bundles: dict[str, ModelBundle]) -> None:
-        """Build a fresh snapshot with these rankers (by tier); keeps the old one if it fails."""
+        """Load the last build's catalogue with these rankers (by tier); keeps the old one if it fails."""
+        from features.rec_feast import load_catalogue
+
         if not bundles:
             return
         with self._lock:
             try:
-                rec = build_recommender(self.events_dir, bundles)
+                cat = load_catalogue(self._offline_dir())
+                rec = build_recommender(cat, bundles)
             except Exception as exc:
                 self.last_error = f"{type(exc).__name__}: {exc}"
-                log.error("recommender snapshot failed: %s", self.last_error)
+                log.error("recommender catalogue failed to load: %s", self.last_error)
                 raise
-            self._current = (rec, dict(bundles))
+            self._current = _Loaded(rec, cat, dict(bundles), from_build=True)
             self.last_error = None
+        self.history()  # connect now: the first request then finds the store open
 
     def install(self, rec: Recommender, bundles: dict[str, ModelBundle]) -> None:
-        self._current = (rec, dict(bundles))
+        """Serve this recommender's catalogue and rankers (tests, benchmarks)."""
+        self._current = _Loaded(rec, rec.state.catalogue(), dict(bundles), from_build=False)
 
-    def known_user(self, user_id: str) -> bool:
+    def _loaded(self) -> _Loaded:
         current = self._current
-        return current is not None and current[0].state.user_row(user_id) >= 0
+        if current is None:
+            raise RecommenderUnavailable("the recommender catalogue is not loaded yet")
+        return current
 
-    def recommend_logged(self, request: RecRequest) -> LoggedRecommendation:
+    def catalogue(self) -> Catalogue:
+        """The catalogue of the last feature build: a new build's file is picked up by the next
+        request (one stat per request; the file is read once per version)."""
+        from features.rec_feast import load_catalogue
+
+        current = self._loaded()
+        if not current.from_build:
+            return current.catalogue
+        try:
+            return load_catalogue(self._offline_dir())
+        except Exception as exc:
+            log.error("recommender catalogue unreadable, serving the loaded one: %s", type(exc).__name__)
+            return current.catalogue
+
+    def person(self, user_id: str | None, now: dt.datetime | None = None) -> RecState:
+        """The state one request needs: the catalogue and the person's rows as of `now`."""
+        from features.rec_features import person_state
+
+        cat = self.catalogue()
+        when = pd.Timestamp(now if now is not None else dt.datetime.now(dt.UTC))
+        if user_id is None:
+            return person_state(cat, "", None, when)
+        try:
+            history = self.history().read(user_id)
+        except Exception as exc:  # the driver message may contain keys: log the type only
+            log.error("recommendation history unreadable: %s", type(exc).__name__)
+            raise RecommenderUnavailable("the online store cannot be read: retry later") from None
+        return person_state(cat, user_id, history, when)
+
+    def known_user(self, user_id: str, now: dt.datetime | None = None) -> bool:
+        """The person has interactions with catalogue items before `now` (something to personalise)."""
+        if self._current is None:
+            return False
+        return self.person(user_id, now).user_row(user_id) >= 0
+
+    def score_online(
+        self, request: RecRequest, now: dt.datetime | None = None
+    ) -> tuple[RecState, ScoredRequest]:
+        """Every candidate of a request with its model input, as served (the parity test reads it)."""
+        current = self._loaded()
+        state = self.person(request.user_id, now)
+        return state, score_request(replace(current.template, state=state), request)
+
+    def recommend_logged(self, request: RecRequest, now: dt.datetime | None = None) -> LoggedRecommendation:
         """Serve one request and rebuild the exact input of every returned item for the log."""
         from features.rec_features import pair_features
 
-        current = self._current
-        if current is None:
-            raise RecommenderUnavailable("the recommender snapshot is not loaded yet")
-        rec, bundles = current
-        bundle = bundles.get(request.tier)
+        current = self._loaded()
+        bundle = current.bundles.get(request.tier)
         if bundle is None:
             raise RecommenderUnavailable(f"no ranker for tier {request.tier}")
-        items = recommend(rec, request)
-        state = rec.state
+        state = self.person(request.user_id, now)
+        items = recommend(replace(current.template, state=state), request)
         n = len(items)
         row = state.user_row(request.user_id) if request.tier == "personalized" else -1
         cols = state.items.get_indexer(pd.Index([it.item_id for it in items]))

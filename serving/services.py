@@ -11,8 +11,9 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 from sqlalchemy import Engine, text
@@ -31,6 +32,7 @@ from serving.ratelimit import RateLimiter
 from serving.recsys import RecommenderHolder
 
 log = logging.getLogger("aipic.serving")
+T = TypeVar("T")
 
 
 def feature_definitions() -> dict[str, FeatureDef]:
@@ -39,6 +41,29 @@ def feature_definitions() -> dict[str, FeatureDef]:
     from features.rec_features import REC_FEATURES
 
     return {f.name: f for f in [*PAYMENT_FEATURES, *REC_FEATURES]}
+
+
+def serving_engine(settings: Settings) -> Engine:
+    """The API's database engine: a pool as large as the decision threads, no ping per checkout.
+
+    `features.db.engine_for` pings the server at every checkout (a round trip per request); here a
+    dead connection is found by using it instead: SQLAlchemy then discards the whole pool and the
+    hot-path reads and the decision writer retry once on a fresh connection.
+    """
+    from features.db import engine_for
+
+    url = settings.resolved_database_url
+    if url.startswith("sqlite"):
+        return engine_for(url)
+    from sqlalchemy import create_engine
+
+    return create_engine(
+        url,
+        pool_size=settings.decision_threads + 4,  # + the decision writer and the rare admin reads
+        max_overflow=16,
+        pool_pre_ping=False,
+        pool_use_lifo=True,
+    )
 
 
 def default_feature_source(settings: Settings) -> FeatureSource:
@@ -70,6 +95,7 @@ class Services:
     startup_error: str | None = None
     _source_factory: Callable[[Settings], FeatureSource] | None = None
     _poller: asyncio.Task[None] | None = None
+    _decide_pool: ThreadPoolExecutor | None = None
 
     @classmethod
     def create(
@@ -94,9 +120,20 @@ class Services:
             limiter=RateLimiter(settings.api_rate_limit, settings.person_rate_limit),
             metrics=Metrics(),
             profiles=ProfileStore(),
-            recommender=RecommenderHolder(settings.events_dir),
+            recommender=RecommenderHolder(settings.events_dir, settings),
             _source_factory=feature_source or default_feature_source,
         )
+
+    async def run_decision(self, func: Callable[..., T], *args: Any) -> T:
+        """Run one whole decision (blocking stores + CPU) in one worker-thread hop.
+
+        ``decision_threads`` threads of a plain executor: more threads only take turns on the GIL,
+        and the executor's hand-off costs about half of `anyio.to_thread`'s (measured 65 vs 113 us
+        of CPU per hop). The event loop itself never waits on a store.
+        """
+        if self._decide_pool is None:
+            self._decide_pool = ThreadPoolExecutor(self.settings.decision_threads, "aipic-decide")
+        return await asyncio.get_running_loop().run_in_executor(self._decide_pool, func, *args)
 
     # lifecycle ----------------------------------------------------------------------------------
     def load_blocking(self) -> None:
@@ -202,10 +239,14 @@ class Services:
             self._poller.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._poller
-        await self.writer.close()
+        if self._decide_pool is not None:  # decisions in flight finish first (their rows get queued)
+            pool, self._decide_pool = self._decide_pool, None
+            await asyncio.get_running_loop().run_in_executor(None, pool.shutdown, True)
+        await self.writer.close()  # then every queued decision row is committed
         close = getattr(self.online.source if self.online else None, "close", None)
         if close is not None:
             close()
+        self.engine.dispose()  # pooled connections closed; the engine still works if used again
 
     def database_alive(self) -> bool:
         try:

@@ -128,9 +128,10 @@ def _train_ranker(events_dir: Path, tier: str) -> ModelBundle:
 
 
 def _online_stores(events: Path, settings: Settings) -> None:
-    """The real local online stores (Feast SQLite profiles + the event state), as `aipic features
-    build` makes them, minus the offline fraud tables the API does not read."""
+    """The real local online stores (Feast SQLite profiles, recommender rows + the event state),
+    as `aipic features build` makes them, minus the offline fraud tables the API does not read."""
     from features.online import OnlineFeatures, load_state
+    from features.rec_feast import build_tables
     from features.store import (
         apply_repo,
         materialize_repo,
@@ -140,6 +141,7 @@ def _online_stores(events: Path, settings: Settings) -> None:
     )
 
     write_profile_tables(events, offline_dir(settings))
+    build_tables(events, offline_dir(settings))  # recommender catalogue, item rows, histories
     store = open_feature_store(settings)
     apply_repo(store, settings)
     materialize_repo(store, settings)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import math
-from collections.abc import Iterable, Sequence
+import os
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -124,3 +126,49 @@ def compare(
 
 def nan_equal(x: float, y: float) -> bool:
     return (math.isnan(x) and math.isnan(y)) or x == y
+
+
+REDIS_URL = "redis://127.0.0.1:6379/0"
+ONLINE_BACKENDS = ("sqlite", "redis")
+
+
+@contextlib.contextmanager
+def online_backend(backend: str, monkeypatch: Any) -> Iterator[Any]:
+    """A fresh `OnlineFeatures` on SQLite (the test's var dir) or on the real Redis.
+
+    Redis gets its own Feast project and key prefix (removed afterwards); a Redis that does
+    not answer fails the test in CI and skips it elsewhere.
+    """
+    import uuid
+
+    import pytest
+    import redis
+
+    from features.online import OnlineFeatures
+    from features.settings import get_settings
+    from features.store import apply_repo, open_feature_store, teardown_project
+
+    if backend == "redis":
+        try:
+            redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2).ping()
+        except redis.exceptions.ConnectionError as exc:
+            if os.environ.get("CI", "").lower() == "true":
+                pytest.fail(f"Redis not reachable in CI: {exc}")
+            pytest.skip(f"Redis not reachable: {exc}")
+        monkeypatch.setenv("AIPIC_ONLINE_STORE", "redis")
+        monkeypatch.setenv("AIPIC_REDIS_URL", REDIS_URL)
+        monkeypatch.setenv("AIPIC_FEAST_PROJECT", f"t_{uuid.uuid4().hex[:12]}")
+        get_settings.cache_clear()
+    s = get_settings()
+    store = open_feature_store(s)
+    apply_repo(store, s)
+    online = OnlineFeatures(s, store=store)
+    try:
+        yield online
+    finally:
+        if backend == "redis":
+            online.state.clear()
+            with contextlib.suppress(Exception):
+                teardown_project(store)
+        online.close()
+        get_settings.cache_clear()

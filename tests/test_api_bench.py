@@ -38,3 +38,24 @@ def test_latency_summary_and_search_path() -> None:
     assert 50 <= s["p50_ms"] <= 51 and 99 <= s["p99_ms"] <= 100
     assert _with_search_path("postgresql+psycopg://h/db", "s1").endswith("?options=-csearch_path%3Ds1")
     assert "&options=" in _with_search_path("postgresql+psycopg://h/db?x=1", "s1")
+
+
+def test_server_cpu_per_request_is_read_from_proc() -> None:
+    import os
+    import time
+
+    from serving.bench import _with_server_cpu, process_cpu_seconds
+
+    before = process_cpu_seconds(os.getpid())
+    assert before is not None and before >= 0
+    assert process_cpu_seconds(2**22 + 7) is None  # no such process
+
+    def busy() -> dict[str, object]:
+        end = time.process_time() + 0.05
+        while time.process_time() < end:
+            pass
+        return {"requests": 10}
+
+    result = _with_server_cpu(os.getpid(), busy)
+    assert result["server_cpu_ms_per_request"] is not None
+    assert result["server_cpu_ms_per_request"] >= 3.0  # 50 ms of CPU over 10 requests (clock ticks: 10 ms)

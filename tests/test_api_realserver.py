@@ -48,10 +48,13 @@ class Proxy:
         self.thread.start()
         self.server: asyncio.AbstractServer | None = None
         self.writers: set[asyncio.StreamWriter] = set()
+        self.muted = False  # connections stay open but nothing gets through: a hung Redis
 
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         with contextlib.suppress(Exception):
             while data := await reader.read(65536):
+                if self.muted:
+                    continue
                 writer.write(data)
                 await writer.drain()
         writer.close()
@@ -135,6 +138,56 @@ def test_redis_outage_degrades_within_budget_and_recovers(redis_api: tuple[Api, 
     assert back["fraud_probability"] == first["fraud_probability"]  # same stored state, same answer
 
 
+def test_hung_redis_degrades_after_the_socket_timeout(world: World, tmp_path: Path) -> None:
+    """Redis accepts connections but never answers: without a socket timeout scoring would hang."""
+    _require("127.0.0.1", 6379, "Redis")
+    import redis
+    from api_support import _online_stores, open_api
+
+    proxy = Proxy(("127.0.0.1", 6379))
+    proxy.start()
+    project = f"t_{secrets.token_hex(4)}"
+    overrides = {
+        "online_store": "redis",
+        "redis_url": f"redis://127.0.0.1:{proxy.port}/0",
+        "feast_project": project,
+        "online_retry_seconds": 30.0,
+        "redis_socket_timeout": 0.2,
+        "redis_socket_connect_timeout": 0.2,
+        "redis_retries": 1,
+    }
+    _online_stores(world.events_dir, world.settings(tmp_path / "var", **overrides))
+    try:
+        with open_api(world, tmp_path / "var", **overrides) as api:
+            headers = api.key("score")
+            body = api.payment_body(api.adult_payments(1)[0])
+            first = api.client.post("/v1/payments/score", json=body, headers=headers).json()
+            assert first["degraded"] is False
+            proxy.muted = True
+            outcome: dict[str, object] = {}
+
+            def call() -> None:
+                outcome["response"] = api.client.post("/v1/payments/score", json=body, headers=headers)
+
+            caller = threading.Thread(target=call, daemon=True)
+            started = time.perf_counter()
+            caller.start()
+            caller.join(timeout=10)  # a hang would never return; the bound only separates the two
+            assert not caller.is_alive(), "scoring hung on a Redis that does not answer"
+            elapsed = time.perf_counter() - started
+            r = outcome["response"]
+            assert r.status_code == 200  # type: ignore[attr-defined]
+            out = r.json()  # type: ignore[attr-defined]
+            assert out["degraded"] is True and out["tier"] == "request_only"
+            assert elapsed < 2 * (1 + 1) * 0.2 + 1.0  # (1 + retries) timeouts, plus slack for a busy machine
+    finally:
+        proxy.close()
+        client = redis.Redis.from_url("redis://127.0.0.1:6379/0")
+        keys = list(client.scan_iter(match=f"*{project}*", count=1000))
+        if keys:
+            client.delete(*keys)
+
+
 @pytest.fixture
 def pg_api(world: World, tmp_path: Path) -> Iterator[Api]:
     _require("127.0.0.1", 5432, "PostgreSQL")
@@ -171,3 +224,29 @@ def test_postgres_decision_log_reproduces_and_keeps_keys_hashed(pg_api: Api) -> 
     with api.services.engine.connect() as conn:
         stored = " ".join(str(v) for row in conn.execute(text("SELECT * FROM api_keys")) for v in row)
     assert headers["X-API-Key"].split("_")[2] not in stored
+
+
+def test_a_dead_pooled_connection_costs_no_request(pg_api: Api) -> None:
+    """The API's pool does not ping at checkout: a connection the server dropped is found on use,
+    the pool is discarded and the read or the log write is retried on a fresh connection."""
+    from sqlalchemy import create_engine, text
+
+    api = pg_api
+    headers = api.key("score")
+    body = api.payment_body(api.adult_payments(1)[0])
+    assert api.client.post("/v1/payments/score", json=body, headers=headers).status_code == 200
+    engine = api.services.engine
+    assert engine.pool._pre_ping is False  # type: ignore[attr-defined]
+    with engine.connect() as conn:  # LIFO pool: the next checkout gets this very connection back
+        pid = conn.execute(text("SELECT pg_backend_pid()")).scalar_one()
+    admin = create_engine(PG)
+    try:
+        with admin.connect() as conn:
+            assert conn.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid}).scalar_one()
+    finally:
+        admin.dispose()
+    time.sleep(0.2)
+    for i in range(3):
+        again = {**body, "payment_id": f"{body['payment_id']}-after-kill-{i}"}
+        r = api.client.post("/v1/payments/score", json=again, headers=headers)
+        assert r.status_code == 200, r.text

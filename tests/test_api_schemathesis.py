@@ -17,7 +17,7 @@ from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 
 EXAMPLES = {GenerationMode.POSITIVE: 8, GenerationMode.NEGATIVE: 8}
-ALLOWED_NON_2XX = {401, 403, 404, 409, 413, 422, 429, 503}
+ALLOWED_NON_2XX = {401, 403, 404, 409, 422, 429, 503}
 
 if TYPE_CHECKING:
     from api_support import Api, World

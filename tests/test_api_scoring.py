@@ -130,14 +130,17 @@ def test_nan_broken_json_and_huge_bodies(api: Api) -> None:
     assert api.client.post("/v1/payments/score", content=b"[1, 2]", headers=headers).status_code == 422
     huge = json.dumps({**body, "item_ids": ["i-1"] * 20000})
     r = api.client.post("/v1/payments/score", content=huge, headers=headers)
-    assert r.status_code == 413 and "larger than" in r.json()["detail"]
+    assert r.status_code == 422, r.text
+    (detail,) = r.json()["detail"]
+    assert detail["loc"] == ["body"] and detail["type"] == "body_too_large"
+    assert "larger than 65536 bytes" in detail["msg"]
 
     def chunks():  # no Content-Length: counted while reading
         for _ in range(100):
             yield b" " * 1024
 
     r = api.client.post("/v1/payments/score", content=chunks(), headers=headers)
-    assert r.status_code == 413
+    assert r.status_code == 422 and r.json()["detail"][0]["type"] == "body_too_large"
 
 
 def test_events_update_online_features(api: Api) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from features_kit import at, compare, payment, user, write_events
+from features_kit import at, compare, online_backend, payment, user, write_events
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -28,20 +28,14 @@ from features.online import (
     update_online,
 )
 from features.payment_features import PAYMENT_FEATURE_NAMES, WINDOWS, payment_feature_frame
-from features.settings import get_settings
-from features.store import apply_repo, open_feature_store
 
 EDGES = sorted({0, *(w + d for w in WINDOWS.values() for d in (-1, 0, 1))})
 
 
-@pytest.fixture
-def online() -> Iterator[OnlineFeatures]:
-    s = get_settings()
-    store = open_feature_store(s)
-    apply_repo(store, s)
-    o = OnlineFeatures(s, store=store)
-    yield o
-    o.close()
+@pytest.fixture(params=["sqlite", pytest.param("redis", marks=pytest.mark.realserver)])
+def online(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[OnlineFeatures]:
+    with online_backend(request.param, monkeypatch) as o:
+        yield o
 
 
 payment_spec = st.tuples(
@@ -95,6 +89,25 @@ def test_any_arrival_order_and_duplicates_give_the_offline_vectors(
     assert compare(vectors, offline, PAYMENT_FEATURE_NAMES) == []
 
 
+def test_a_bulk_write_split_into_chunks_is_applied_whole(
+    online: OnlineFeatures, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import features.online as online_module
+
+    monkeypatch.setattr(online_module, "_WRITE_CHUNK", 3)  # Redis: many script calls in one pipeline
+    rows = [
+        payment(f"b{i}", i * 1000, 1.0 + i, user=f"u{i % 2}", device_id="d1", ip="10.0.0.1", ip_country="DE")
+        for i in range(5)
+    ]
+    batch = online_module.StateBatch()
+    for r in rows:
+        batch.add_payment(online_module.record_of(r))
+    online.state.write(batch)
+    offline = payment_feature_frame(write_events(tmp_path / "ev", rows, users=[user("nobody")]))
+    vectors = {r["payment_id"]: online_payment_vector(online, r) for r in rows}
+    assert compare(pd.DataFrame(vectors).T, offline.set_index("payment_id"), PAYMENT_FEATURE_NAMES) == []
+
+
 def test_a_user_with_no_history_or_profile(online: OnlineFeatures, tmp_path: Path) -> None:
     rows = [payment("p0", 0, 42.0, user="ghost", creator_id=None, card_fingerprint=None)]
     offline = payment_feature_frame(write_events(tmp_path / "ev", rows, users=[user("someone")])).set_index(
@@ -135,6 +148,28 @@ def test_the_api_mapping_interface(online: OnlineFeatures) -> None:
         online.payment_vector({"payment_id": "m3"})
     with pytest.raises(OnlineFeatureError):
         online.payment_vector(body, ["no_such_feature"])
+
+
+def test_erasing_payments_keeps_the_creator_counts_exact(online: OnlineFeatures, tmp_path: Path) -> None:
+    rows = [
+        payment("a0", 0, 5.0, user="u1"),
+        payment("a1", 100, 6.0, user="u2", card_fingerprint="f2"),
+        payment("a2", 200, 7.0, user="u1"),
+        payment("a3", 300, 8.0, user="u3", card_fingerprint="f3"),
+        payment("a4", 400, 9.0, user="u2", card_fingerprint="f2"),
+    ]
+    for r in rows:
+        update_online(online, Payment.model_validate(r))
+    assert (
+        online_payment_vector(online, Payment.model_validate(rows[4]))["creator_distinct_buyers_30d"] == 3.0
+    )
+    assert delete_entities(online, "payment", ["a2"]) > 0  # u1's latest payment with the creator
+    assert delete_entities(online, "card", ["f3"]) > 0  # u3's only one
+    kept = [r for r in rows if r["payment_id"] not in ("a2", "a3")]
+    offline = payment_feature_frame(write_events(tmp_path / "ev", kept, users=[user("nobody")]))
+    vectors = {r["payment_id"]: online_payment_vector(online, Payment.model_validate(r)) for r in kept}
+    assert compare(pd.DataFrame(vectors).T, offline.set_index("payment_id"), PAYMENT_FEATURE_NAMES) == []
+    assert vectors["a4"]["creator_distinct_buyers_30d"] == 2.0
 
 
 def test_delete_entities_erases_a_person_from_the_online_store(online: OnlineFeatures) -> None:

@@ -10,23 +10,14 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from features_kit import compare, event_stream
+from features_kit import compare, event_stream, online_backend
 
 from features.events import Payment
 from features.online import OnlineFeatures, online_payment_vector, update_online
 from features.payment_features import PAYMENT_FEATURE_NAMES, payment_feature_frame
-from features.settings import get_settings
 from features.simulate import SimulationConfig, simulate_to_dir
-from features.store import apply_repo, open_feature_store
 
 pytestmark = pytest.mark.parity
-
-
-def open_online() -> OnlineFeatures:
-    s = get_settings()
-    store = open_feature_store(s)
-    apply_repo(store, s)
-    return OnlineFeatures(s, store=store)
 
 
 def replay(online: OnlineFeatures, events_dir: Path) -> pd.DataFrame:
@@ -45,13 +36,13 @@ def simulated(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def test_replayed_stream_matches_offline_point_in_time_vectors(simulated: Path) -> None:
+@pytest.mark.parametrize("backend", ["sqlite", pytest.param("redis", marks=pytest.mark.realserver)])
+def test_replayed_stream_matches_offline_point_in_time_vectors(
+    simulated: Path, backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     offline = payment_feature_frame(simulated).set_index("payment_id")
-    online = open_online()
-    try:
+    with online_backend(backend, monkeypatch) as online:
         vectors = replay(online, simulated)
-    finally:
-        online.close()
     assert set(vectors.index) == set(offline.index)
     assert compare(vectors, offline, PAYMENT_FEATURE_NAMES) == []
     # the stream exercised what matters: bursts, shared instruments, known disputes, creators

@@ -80,7 +80,9 @@ def small_world(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_production_configuration_is_redis_and_postgres(production: Settings) -> None:
     cfg = feature_store_config(production)
     assert cfg["online_store"]["type"] == "redis"
-    assert cfg["online_store"]["connection_string"] == "127.0.0.1:6379,db=0"
+    assert cfg["online_store"]["connection_string"] == (
+        "127.0.0.1:6379,db=0,socket_timeout=0.5,socket_connect_timeout=0.5"  # Feast hands these to redis-py
+    )
     assert cfg["registry"]["registry_type"] == "sql"
     assert (
         cfg["registry"]["path"].startswith("postgresql+psycopg://")

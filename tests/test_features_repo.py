@@ -16,9 +16,10 @@ from features.payment_features import (
     REQUEST_FEATURES,
     fraud_tier_features,
 )
+from features.privacy.erasure import FeastOnline, erase_online_entities
 from features.settings import get_settings
 from features.simulate import SimulationConfig, simulate_to_dir
-from features.store import delete_feast_entities, feature_store_config, open_feature_store
+from features.store import feature_store_config, open_feature_store
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +47,7 @@ def test_generated_objects(tmp_path: Path) -> None:
     assert {e: objs.entities[e].join_key for e in objs.entities} == {
         e: ENTITY_JOIN_KEYS[e] for e in objs.entities
     }
-    assert set(objs.on_demand_views) == {"fraud_request"}
+    assert set(objs.on_demand_views) == {"fraud_request", "recommender_user_item", "recommender_request"}
     assert [f.name for f in objs.on_demand_views["fraud_request"].features] == REQUEST_FEATURES
     assert not objs.feature_views["fraud_payment"].online  # one row per payment: offline only
     for name, svc in objs.services.items():
@@ -68,7 +69,12 @@ def test_build_command_then_historical_and_online_retrieval_and_erasure(world: P
     assert result.exit_code == 0, result.output
     s = get_settings()
     store = open_feature_store(s)
-    assert {sv.name for sv in store.list_feature_services()} == {"fraud_full", "fraud_no_device_location"}
+    assert {sv.name for sv in store.list_feature_services()} == {
+        "fraud_full",
+        "fraud_no_device_location",
+        "recommender_personalized",
+        "recommender_limited",
+    }
 
     # historical retrieval through the service equals the frame (each payment's own row as of its time)
     frame = pd.read_parquet(s.feature_repo_dir / "offline" / "fraud_payment.parquet")
@@ -118,7 +124,7 @@ def test_build_command_then_historical_and_online_retrieval_and_erasure(world: P
     ).to_dict()
     assert row["kyc_status"][0] is not None and row["amount"] == [12.35] and row["is_weekend"] == [1.0]
 
-    assert delete_feast_entities(store, "user", [uid]) >= 1
+    assert sum(erase_online_entities({"user_id": [uid]}, feast=FeastOnline.from_store(store)).values()) >= 1
     gone = store.get_online_features(
         features=["user_profile:kyc_status"], entity_rows=[{"user_id": uid}]
     ).to_dict()

@@ -385,6 +385,48 @@ def test_erasure_removes_the_person_everywhere_sqlite_online(world: dict[str, An
     assert again.offline == {} and again.service_tables == {} and sum(again.online.values()) == 0
 
 
+def test_erasure_removes_the_person_from_the_online_event_state(world: dict[str, Any]) -> None:
+    from features.events import Payment
+    from features.online import OnlineFeatures, load_state, online_payment_vector
+    from features.store import apply_repo, open_feature_store
+
+    s = world["settings"]
+    store = open_feature_store(s)
+    apply_repo(store, s)
+    online = OnlineFeatures(s, store=store)
+    probe = Payment.model_validate(  # a later payment of u2 with u1's card: its card log is u1's p1
+        {
+            "payment_id": "probe",
+            "user_id": "u2",
+            "item_ids": [],
+            "payment_time": NOW,
+            "kind": "purchase",
+            "amount": 10.0,
+            "currency": "EUR",
+            "card_fingerprint": "card-u1",
+            "card_bin_country": None,
+            "billing_country": None,
+            "device_id": None,
+            "ip": None,
+            "ip_country": None,
+            "creator_id": "c2",
+        }
+    )
+    try:
+        load_state(online, s.events_dir)
+        assert online.state.payment_routes(["p1", "p2"]).keys() == {"p1", "p2"}
+        assert online_payment_vector(online, probe)["card_count_30d"] == 2.0
+
+        report = erase_subject("u1", engine=world["engine"])
+        assert report.online["state"] > 0
+        assert online.state.payment_routes(["p1", "p2"]).keys() == {"p2"}  # u1's payment left the index
+        vec = online_payment_vector(online, probe)
+        assert vec["card_count_30d"] == 1.0 and vec["creator_distinct_buyers_30d"] == 1.0
+        assert erase_subject("u1", engine=world["engine"]).online["state"] == 0  # idempotent
+    finally:
+        online.close()
+
+
 @pytest.mark.realserver
 def test_erasure_from_real_redis(world: dict[str, Any]) -> None:
     import redis

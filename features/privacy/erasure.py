@@ -5,8 +5,9 @@ running it again:
 
 1. identifiers linked to the person alone (their devices, cards) are collected from the
    offline tables, so online-store rows keyed by them can be found;
-2. online stores (Feast SQLite and Redis layouts): Feast has no per-key delete, so rows
-   are matched on the serialized entity key (also inside compound keys);
+2. online stores (`erase_online_entities`): Feast's SQLite and Redis layouts, where rows
+   are matched on the serialized entity key (also inside compound keys) since Feast has no
+   per-key delete, and the online event state (payment records, disputes, first-seen times);
 3. offline parquet files (event tables and any feature table with a ``user_id`` column)
    are rewritten without the person, atomically, or the next materialisation would bring
    the online rows back;
@@ -28,7 +29,7 @@ from collections.abc import Collection, Iterable, Mapping
 from contextlib import closing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -39,6 +40,11 @@ from features.privacy.inventory import INVENTORY, LINKED_KEYS, SUBJECT_COLUMNS
 from features.privacy.ledger import ConsentRecord, ErasureTombstone, ProcessingControl, now_utc
 from features.privacy.sqltypes import as_utc
 from features.settings import Settings, get_settings
+
+if TYPE_CHECKING:
+    from feast import FeatureStore
+
+    from features.online import EventState
 
 PRIVACY_TABLES = frozenset({"consent_ledger", "processing_controls", "erasure_tombstones", "alembic_version"})
 
@@ -188,6 +194,10 @@ def redis_client_from_connection_string(connection_string: str) -> Any:
         username=params.get("username"),
         password=params.get("password"),
         ssl=params.get("ssl", "false").lower() == "true",
+        socket_timeout=float(params["socket_timeout"]) if "socket_timeout" in params else None,
+        socket_connect_timeout=(
+            float(params["socket_connect_timeout"]) if "socket_connect_timeout" in params else None
+        ),
     )
 
 
@@ -222,29 +232,88 @@ def feature_store_config(repo_dir: Path) -> dict[str, Any] | None:
     return config
 
 
-def erase_online(targets: Mapping[str, Collection[str]], repo_dir: Path) -> dict[str, int]:
-    """Erase from the online store configured in the Feast repo (SQLite or Redis)."""
-    config = feature_store_config(repo_dir)
-    if config is None:
-        return {}
-    project = str(config["project"])
-    online = config.get("online_store") or {"type": "sqlite"}
-    if isinstance(online, str):
-        online = {"type": online}
+@dataclass(frozen=True)
+class FeastOnline:
+    """Where one Feast project keeps its online rows: the ``online_store`` part of its configuration."""
+
+    project: str
+    online_store: Mapping[str, Any]
+    repo_dir: Path  # relative SQLite paths are relative to the repo, as in Feast
+
+    @classmethod
+    def from_repo(cls, repo_dir: Path) -> FeastOnline | None:
+        """From the repo's ``feature_store.yaml`` (None if there is no repo yet)."""
+        config = feature_store_config(repo_dir)
+        if config is None:
+            return None
+        online = config.get("online_store") or {"type": "sqlite"}
+        return cls(str(config["project"]), {"type": online} if isinstance(online, str) else online, repo_dir)
+
+    @classmethod
+    def from_store(cls, store: FeatureStore) -> FeastOnline:
+        """From an open `FeatureStore` (its in-memory configuration)."""
+        cfg = store.config
+        return cls(cfg.project, cfg.online_store.model_dump(mode="json"), Path(cfg.repo_path or "."))
+
+
+def erase_online_entities(
+    targets: Mapping[str, Collection[str]], *, feast: FeastOnline | None, state: EventState | None = None
+) -> dict[str, int]:
+    """Erase every online row keyed by these entity values: Feast's views and the event state.
+
+    The one online-erasure function: `erase_subject` (a person and the identifiers linked to
+    them alone) and `features.online.delete_entities` (keys of one entity) both call it.
+    ``targets`` maps Feast join keys (``user_id``, ``card_fingerprint``, ...) to values. Feast
+    has no per-key delete: rows are matched on their deserialized entity key, compound keys
+    (user x item) included. The event state (`features.online.EventState`) drops each entity's
+    logs, disputes and first-seen times and every payment record that names it. Returns the
+    rows removed per store: ``sqlite:<table>`` or ``redis``, and ``state``.
+    """
+    from features.feature_repo import ENTITY_JOIN_KEYS
+
+    out: dict[str, int] = {}
+    if feast is not None:
+        out.update(_erase_feast_online(targets, feast))
+    if state is not None:
+        entity_of = {join_key: entity for entity, join_key in ENTITY_JOIN_KEYS.items()}
+        n = 0
+        for join_key, values in targets.items():
+            if join_key in entity_of and values:
+                n += state.delete(entity_of[join_key], sorted(values))
+        out["state"] = n
+    return out
+
+
+def _erase_feast_online(targets: Mapping[str, Collection[str]], feast: FeastOnline) -> dict[str, int]:
+    online = feast.online_store
     kind = str(online.get("type", "sqlite"))
     if kind.endswith("sqlite") or kind.endswith("SqliteOnlineStore"):
         path = Path(str(online.get("path", "data/online.db")))
-        db = path if path.is_absolute() else Path(repo_dir) / path
-        return {f"sqlite:{t}": n for t, n in erase_sqlite_online(db, project, targets).items()}
+        db = path if path.is_absolute() else Path(feast.repo_dir) / path
+        return {f"sqlite:{t}": n for t, n in erase_sqlite_online(db, feast.project, targets).items()}
     if kind.endswith("redis") or kind.endswith("RedisOnlineStore"):
-        if online.get("redis_type", "redis") != "redis":
+        if str(online.get("redis_type", "redis")) != "redis":
             raise ErasureError("only a single Redis server is supported for erasure (not cluster/sentinel)")
         client = redis_client_from_connection_string(str(online.get("connection_string", "localhost:6379")))
         try:
-            return {"redis": erase_redis_online(client, project, targets)}
+            return {"redis": erase_redis_online(client, feast.project, targets)}
         except Exception as exc:  # connection refused, auth: report clearly, the step is retryable
             raise ErasureError(f"Redis online store unreachable: {type(exc).__name__}") from exc
+        finally:
+            client.close()
     raise ErasureError(f"online store type {kind!r} has no erasure implementation")
+
+
+def _open_event_state(settings: Settings) -> EventState | None:
+    """The configured event state, or None if this installation never wrote one (SQLite file absent)."""
+    from features.store import open_event_state
+
+    if settings.online_store != "redis" and not (settings.feature_repo_dir / "online_state.db").exists():
+        return None
+    try:
+        return open_event_state(settings)
+    except Exception as exc:  # unreachable Redis, unreadable file: retry later
+        raise ErasureError(f"online event state unreachable: {type(exc).__name__}") from exc
 
 
 # --- 3. offline parquet files -----------------------------------------------------------------
@@ -423,7 +492,16 @@ def erase_subject(
 
     targets = linked_entity_values(subject_id, events)
     report.linked_keys = {k: len(v) for k, v in targets.items()}
-    report.online = erase_online(targets, repo)
+    state = _open_event_state(s)
+    try:
+        report.online = erase_online_entities(targets, feast=FeastOnline.from_repo(repo), state=state)
+    except ErasureError:
+        raise
+    except Exception as exc:  # the event state's server went away mid-way: the step is retryable
+        raise ErasureError(f"online event state not erasable: {type(exc).__name__}") from exc
+    finally:
+        if state is not None:
+            state.close()
     report.offline = {Path(p).name: n for p, n in erase_offline(subject_id, dirs, events).items()}
     report.service_tables = erase_service_tables(subject_id, engine)
     summary = {

@@ -1,6 +1,7 @@
 """The purpose gate: which feature tier may be used for this person, for this purpose, now.
 
-`decide` reads the ledger on every call (no cache anywhere), so a withdrawal, restriction or
+`decide` reads the ledger on every call (the person's state is never cached; only the
+registry's fixed rules per purpose are derived once), so a withdrawal, restriction or
 objection takes effect on the very next request. It returns the richest tier the person
 allows, the reasons for every step down, the categories left out and why, and the consent
 snapshot the decision log must keep. Minors (by declared date of birth) and restricted
@@ -17,7 +18,7 @@ from typing import Any
 
 from features.definitions import FeatureDef
 from features.privacy.ledger import ConsentLedger, SubjectState
-from features.privacy.registry import Effect, Registry, RegistryError, get_registry, within
+from features.privacy.registry import Effect, Purpose, Registry, RegistryError, Tier, get_registry, within
 from features.privacy.sqltypes import as_utc
 from features.settings import get_settings
 
@@ -118,6 +119,71 @@ def _blockers(
     return out
 
 
+@dataclass(frozen=True)
+class _TierPlan:
+    """What the registry says about one tier: fixed for a registry, so derived once."""
+
+    tier: Tier
+    personal: bool
+    consents: tuple[str, ...]  # consent purposes it needs, sorted
+    allowed: tuple[str, ...]  # categories it may use
+    dropped: tuple[str, ...]  # categories of the richest tier it leaves out
+    legal_name: str
+    legal_basis: str
+
+
+@dataclass(frozen=True)
+class _PurposePlan:
+    purpose: Purpose
+    effects: dict[str, Effect]
+    tiers: tuple[_TierPlan, ...]
+    richest_allowed: tuple[str, ...]
+
+
+_PLANS: dict[tuple[int, str], tuple[Registry, _PurposePlan]] = {}
+
+
+def _plan(reg: Registry, purpose: str) -> _PurposePlan:
+    """The registry's answers for ``purpose``, computed once per registry object (it is frozen).
+
+    Only the registry's static rules are kept here; the person's state is read on every call.
+    """
+    hit = _PLANS.get((id(reg), purpose))
+    if hit is not None and hit[0] is reg:
+        return hit[1]
+    p = reg.purpose(purpose)
+    if p.trains:
+        raise RegistryError(f"{purpose} is decided per training example: use features.privacy.pit_consent")
+    richest = p.tiers[0]
+    richest_allowed = tuple(a for a in p.allowed if not any(within(a, d) for d in richest.drop))
+    tiers = []
+    for t in p.tiers:
+        legal = reg.legal_purpose(purpose, t.name)
+        tiers.append(
+            _TierPlan(
+                tier=t,
+                personal=reg.tier_is_personal(purpose, t.name),
+                consents=tuple(sorted(c.value for c in reg.tier_consents(purpose, t.name))),
+                allowed=tuple(a for a in p.allowed if not any(within(a, d) for d in t.drop)),
+                dropped=tuple(
+                    a for a in richest_allowed if any(within(a, d) or within(d, a) for d in t.drop)
+                ),
+                legal_name=legal.name,
+                legal_basis=legal.legal_basis.dpv_key,
+            )
+        )
+    plan = _PurposePlan(
+        purpose=p,
+        effects={"minor": p.on_minor, "restriction": p.on_restriction, "objection": p.on_objection},
+        tiers=tuple(tiers),
+        richest_allowed=richest_allowed,
+    )
+    if len(_PLANS) > 64:
+        _PLANS.clear()
+    _PLANS[(id(reg), purpose)] = (reg, plan)
+    return plan
+
+
 def decide(
     subject_id: str,
     purpose: str,
@@ -126,59 +192,50 @@ def decide(
     profile: SubjectProfile | None = None,
     registry: Registry | None = None,
 ) -> GateDecision:
-    """Pick the richest tier of ``purpose`` this person allows at ``now``; never cached."""
-    reg = registry or get_registry()
-    p = reg.purpose(purpose)
-    if p.trains:
-        raise RegistryError(f"{purpose} is decided per training example: use features.privacy.pit_consent")
+    """Pick the richest tier of ``purpose`` this person allows at ``now``; the ledger is read every time."""
+    plan = _plan(registry or get_registry(), purpose)
     when = as_utc(now)
     state = ledger.state(subject_id, when)
-    effects = {"minor": p.on_minor, "restriction": p.on_restriction, "objection": p.on_objection}
-    blockers = [(e, r) for e, r in _blockers(purpose, effects, state, profile, when) if e is not Effect.NONE]
+    blockers = [
+        (e, r) for e, r in _blockers(purpose, plan.effects, state, profile, when) if e is not Effect.NONE
+    ]
     reasons = [r for _, r in blockers]
     stop = {e for e, _ in blockers} & {Effect.HUMAN_REVIEW, Effect.EXCLUDE}
     no_profile = any(e is Effect.NO_PROFILE_TIER for e, _ in blockers)
 
-    chosen = None
-    why_not: dict[str, str] = {}
+    chosen: _TierPlan | None = None
+    skipped: list[str] = []  # why each richer tier was passed over, in order
     if not stop:
-        for t in p.tiers:
-            if no_profile and reg.tier_is_personal(purpose, t.name):
-                why_not[t.name] = "; ".join(r.code for r in reasons)
+        for t in plan.tiers:
+            if no_profile and t.personal:
+                skipped.append("; ".join(r.code for r in reasons))
                 continue
-            missing = sorted(
-                c.value for c in reg.tier_consents(purpose, t.name) if not state.consent(c).valid
-            )
+            missing = [c for c in t.consents if not state.consent(c).valid]
             if missing:
                 detail = ", ".join(f"{c} ({state.consent(c).status.value})" for c in missing)
-                reasons.append(Reason("no_valid_consent", f"Tier {t.name} needs valid consent: {detail}."))
-                why_not[t.name] = f"no valid consent: {detail}"
+                reasons.append(
+                    Reason("no_valid_consent", f"Tier {t.tier.name} needs valid consent: {detail}.")
+                )
+                skipped.append(f"no valid consent: {detail}")
                 continue
             chosen = t
             break
 
-    richest = p.tiers[0]
-    richest_allowed = [a for a in p.allowed if not any(within(a, d) for d in richest.drop)]
     if chosen is None:
         allowed: tuple[str, ...] = ()
         stop_why = "; ".join(r.code for r in reasons) or "no tier allowed"
-        excluded = dict.fromkeys(richest_allowed, stop_why)
+        excluded = dict.fromkeys(plan.richest_allowed, stop_why)
     else:
-        allowed = tuple(a for a in p.allowed if not any(within(a, d) for d in chosen.drop))
-        skipped = [why_not[t.name] for t in p.tiers[: p.tiers.index(chosen)]]
-        excluded = {
-            a: (skipped[-1] if skipped else "not in tier")
-            for a in richest_allowed
-            if any(within(a, d) or within(d, a) for d in chosen.drop)
-        }
-    legal = reg.legal_purpose(purpose, chosen.name) if chosen else None
+        allowed = chosen.allowed
+        why = skipped[-1] if skipped else "not in tier"
+        excluded = dict.fromkeys(chosen.dropped, why)
     return GateDecision(
         subject_id=subject_id,
         purpose=purpose,
         decided_at=when,
-        tier=chosen.name if chosen else None,
-        legal_purpose=legal.name if legal else None,
-        legal_basis=legal.legal_basis.dpv_key if legal else None,
+        tier=chosen.tier.name if chosen else None,
+        legal_purpose=chosen.legal_name if chosen else None,
+        legal_basis=chosen.legal_basis if chosen else None,
         human_review=Effect.HUMAN_REVIEW in stop,
         allowed_categories=allowed,
         excluded_categories=excluded,

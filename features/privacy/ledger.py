@@ -35,11 +35,17 @@ from sqlalchemy import (
     String,
     Text,
     bindparam,
+    cast,
     event,
     insert,
+    literal_column,
+    null,
     select,
+    union_all,
 )
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy.sql.selectable import CompoundSelect
 
 from features.db import Base, engine_for
 from features.events import VALID_CONSENT, ConsentPurpose, ConsentStatus
@@ -185,29 +191,37 @@ class ImportReport:
     skipped_erased: int
 
 
-# Built once: the gate reads state on every request, so statement construction is kept off the hot path.
-_STATE_CONSENTS = (
+# Built once: the gate reads state on every request, so statement construction is kept off the hot
+# path. One statement (consents and controls in a UNION ALL) and one round trip: the state is one
+# consistent snapshot, read fresh every time.
+_STATE: CompoundSelect = union_all(
     select(
-        ConsentRecord.purpose,
-        ConsentRecord.status,
+        literal_column("0").label("src"),
+        ConsentRecord.purpose.label("name"),
+        ConsentRecord.status.label("value"),
         ConsentRecord.receipt_id,
         ConsentRecord.event_time,
         ConsentRecord.policy_version,
-    )
-    .where(
+        cast(null(), Boolean).label("active"),
+        ConsentRecord.id,
+    ).where(
         ConsentRecord.subject_id == bindparam("subject"),
         ConsentRecord.event_time <= bindparam("at", type_=UTCDateTime),
-    )
-    .order_by(ConsentRecord.event_time, ConsentRecord.id)
-)
-_STATE_CONTROLS = (
-    select(ProcessingControl.kind, ProcessingControl.scope, ProcessingControl.active)
-    .where(
+    ),
+    select(
+        literal_column("1"),
+        ProcessingControl.kind,
+        ProcessingControl.scope,
+        cast(null(), String),
+        ProcessingControl.event_time,
+        cast(null(), String),
+        ProcessingControl.active,
+        ProcessingControl.id,
+    ).where(
         ProcessingControl.subject_id == bindparam("subject"),
         ProcessingControl.event_time <= bindparam("at", type_=UTCDateTime),
-    )
-    .order_by(ProcessingControl.event_time, ProcessingControl.id)
-)
+    ),
+).order_by(literal_column("src"), literal_column("event_time"), literal_column("id"))
 
 
 def now_utc() -> dt.datetime:
@@ -349,20 +363,34 @@ class ConsentLedger:
         """Derive the person's consents, restriction and objections at ``at`` (default now)."""
         when = as_utc(at or now_utc())
         params = {"subject": subject_id, "at": when}
-        with self.engine.connect() as conn:
-            consent_rows = conn.execute(_STATE_CONSENTS, params).all()
-            control_rows = conn.execute(_STATE_CONTROLS, params).all()
+        rows = self._state_rows(params)
         consents: dict[str, ConsentState] = {}
-        for purpose, status, receipt, time, policy in consent_rows:  # one person: a handful of rows
-            consents[purpose] = ConsentState(purpose, ConsentStatus(status), receipt, time, policy)
         latest: dict[tuple[str, str], bool] = {}
-        for kind, scope, active in control_rows:
-            latest[(kind, scope)] = bool(active)
+        for src, name, value, receipt, time, policy, active, _id in rows:  # one person: a handful
+            if int(src) == 0:  # consent record: the latest per purpose wins
+                consents[name] = ConsentState(name, ConsentStatus(value), receipt, time, policy)
+            else:  # processing control: the latest per (kind, scope) wins
+                latest[(name, value)] = bool(active)
         restricted = any(active for (kind, _), active in latest.items() if kind == "restriction")
         objections = frozenset(
             scope for (kind, scope), active in latest.items() if kind == "objection" and active
         )
         return SubjectState(subject_id, when, consents, restricted, objections)
+
+    def _state_rows(self, params: dict[str, Any]) -> list[Any]:
+        """One autocommit read (a lone SELECT needs no BEGIN/ROLLBACK round trips around it).
+
+        Engines without a ping per checkout find a dead connection by using it: SQLAlchemy then
+        discards the pool and the read is tried once more on a fresh connection.
+        """
+        for attempt in (1, 2):
+            try:
+                with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+                    return list(conn.execute(_STATE, params).all())
+            except DBAPIError as exc:
+                if attempt == 2 or not exc.connection_invalidated:
+                    raise
+        raise AssertionError("unreachable")
 
     def history(self, subject_id: str) -> list[dict[str, Any]]:
         """Every consent record of the person, oldest first (for access requests)."""

@@ -1,4 +1,8 @@
-"""GET /v1/decisions/{id}/explanation and POST /v1/decisions/{id}/review."""
+"""GET /v1/decisions/{id}/explanation and POST /v1/decisions/{id}/review.
+
+Plain ``def`` handlers: FastAPI runs them in its thread pool, so their SQL (and a model load
+from the registry) never blocks the event loop that scoring shares.
+"""
 
 from __future__ import annotations
 
@@ -31,7 +35,7 @@ NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"description": "No such deci
     ),
     responses=NOT_FOUND,
 )
-async def explanation(decision_id: DecisionId, svc: ServicesDep, caller: PersonOrSupport) -> Explanation:
+def explanation(decision_id: DecisionId, svc: ServicesDep, caller: PersonOrSupport) -> Explanation:
     try:
         decision = svc.decisions.get(decision_id, caller.subject)
     except NotFound:
@@ -66,7 +70,7 @@ async def explanation(decision_id: DecisionId, svc: ServicesDep, caller: PersonO
     ),
     responses=NOT_FOUND,
 )
-async def request_review(
+def request_review(
     decision_id: DecisionId, body: ReviewIn, svc: ServicesDep, caller: PersonCaller
 ) -> ReviewOut:
     assert caller.subject is not None

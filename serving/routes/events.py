@@ -1,4 +1,7 @@
-"""POST /v1/events: marketplace interactions that keep the real-time features fresh."""
+"""POST /v1/events: marketplace interactions that keep the real-time features fresh.
+
+A plain ``def`` handler: the online-store write runs in FastAPI's thread pool, off the event loop.
+"""
 
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ router = APIRouter(prefix="/v1", tags=["events"])
         "503 with Retry-After if the online store is unreachable (nothing applied: send again). Scope: `events`."
     ),
 )
-async def events(body: EventsIn, svc: ServicesDep, _caller: EventsCaller) -> EventsOut:
+def events(body: EventsIn, svc: ServicesDep, _caller: EventsCaller) -> EventsOut:
     if svc.online is None:
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, detail="feature store not loaded yet")
     records = [

@@ -1,6 +1,8 @@
 """A person's own data: consent, restriction, objection, access/portability, erasure (person token).
 
-The subject is always the token's ``sub``: there is no way to name someone else here.
+The subject is always the token's ``sub``: there is no way to name someone else here. Handlers
+that read or append to the ledger are plain ``def`` (FastAPI's thread pool) or hand their work to
+a thread: the event loop never waits on SQL.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ def consent_view(svc: Services, subject: str) -> ConsentOut:
 
 
 @router.get("/consent", response_model=ConsentOut, summary="Your consents, restriction and objections")
-async def get_consent(svc: ServicesDep, caller: PersonCaller) -> ConsentOut:
+def get_consent(svc: ServicesDep, caller: PersonCaller) -> ConsentOut:
     assert caller.subject is not None
     return consent_view(svc, caller.subject)
 
@@ -58,7 +60,7 @@ async def get_consent(svc: ServicesDep, caller: PersonCaller) -> ConsentOut:
     summary="Give, renew, refuse or withdraw a consent",
     description="Takes effect on your very next request (Art 7(3)).",
 )
-async def put_consent(body: ConsentIn, svc: ServicesDep, caller: PersonCaller) -> ConsentOut:
+def put_consent(body: ConsentIn, svc: ServicesDep, caller: PersonCaller) -> ConsentOut:
     assert caller.subject is not None
     try:
         rights.set_consent(
@@ -75,7 +77,7 @@ async def put_consent(body: ConsentIn, svc: ServicesDep, caller: PersonCaller) -
     summary="Restrict processing (Art 18) or lift the restriction",
     description="While restricted you are never profiled and fraud decisions about you go to a human.",
 )
-async def restriction(body: RestrictionIn, svc: ServicesDep, caller: PersonCaller) -> ConsentOut:
+def restriction(body: RestrictionIn, svc: ServicesDep, caller: PersonCaller) -> ConsentOut:
     assert caller.subject is not None
     rights.restrict(caller.subject, svc.ledger, lift=not body.active, collection_method=COLLECTED_VIA)
     return consent_view(svc, caller.subject)
@@ -87,7 +89,7 @@ async def restriction(body: RestrictionIn, svc: ServicesDep, caller: PersonCalle
     summary="Object to a purpose (Art 21) or withdraw the objection",
     description="`*` objects to every purpose based on legitimate interest or profiling.",
 )
-async def objection(body: ObjectionIn, svc: ServicesDep, caller: PersonCaller) -> ConsentOut:
+def objection(body: ObjectionIn, svc: ServicesDep, caller: PersonCaller) -> ConsentOut:
     assert caller.subject is not None
     rights.object_to(
         caller.subject, body.purpose, svc.ledger, withdraw=not body.active, collection_method=COLLECTED_VIA

@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-import anyio
 from fastapi import APIRouter, HTTPException, status
 
 from features.privacy.gate import decide
@@ -37,7 +36,7 @@ async def recommendations(
     from models.recommend import RecommendError
 
     try:  # gate (ledger round trips) and ranking (CPU) off the event loop
-        out, row = await anyio.to_thread.run_sync(decide_recommendation, svc, body)
+        out, row = await svc.run_decision(decide_recommendation, svc, body)
     except RecommenderUnavailable as exc:
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, detail=str(exc)) from None
     except RecommendError as exc:

@@ -1,4 +1,7 @@
-"""The review queue for support staff: GET /v1/reviews, POST /v1/reviews/{id}/resolve."""
+"""The review queue for support staff: GET /v1/reviews, POST /v1/reviews/{id}/resolve.
+
+Plain ``def`` handlers: their SQL runs in FastAPI's thread pool, off the event loop.
+"""
 
 from __future__ import annotations
 
@@ -28,7 +31,7 @@ def review_out(r: dict[str, Any]) -> ReviewOut:
 
 
 @router.get("", response_model=ReviewList, summary="The review queue", description="Scope: `support`.")
-async def list_reviews(
+def list_reviews(
     svc: ServicesDep,
     _caller: SupportCaller,
     state: Annotated[Literal["open", "resolved", "all"], Query(alias="status")] = "open",
@@ -49,7 +52,7 @@ async def list_reviews(
     ),
     responses={404: {"description": "No such review"}, 409: {"description": "Already resolved"}},
 )
-async def resolve(
+def resolve(
     review_id: Annotated[str, Path(pattern=r"^[0-9a-f-]{36}$")],
     body: ResolveIn,
     svc: ServicesDep,
