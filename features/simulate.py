@@ -703,6 +703,8 @@ class _DayRows:
 def _within(groups_sizes: np.ndarray, values: np.ndarray) -> np.ndarray:
     """Cumulative sum of ``values`` restarting at every group (groups are consecutive runs)."""
     cs = np.cumsum(values)
+    if cs.size == 0:  # every group empty (a tiny marketplace's quiet day)
+        return cs
     first = np.concatenate([[0], np.cumsum(groups_sizes)[:-1]])
     return cs - np.repeat(cs[first] - values[first], groups_sizes)
 

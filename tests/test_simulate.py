@@ -349,3 +349,11 @@ def test_cli_bad_default_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.Mo
     assert result.exit_code == 2
     assert "users must be at least 10" in result.output
     assert not (tmp_path / "payments.parquet").exists()
+
+
+def test_a_tiny_marketplace_with_quiet_days_simulates(tmp_path: Path) -> None:
+    """10 buyers over 60 days leave days without a single view (once an IndexError)."""
+    cfg = SimulationConfig(users=10, days=60, seed=7)
+    summary, tables = _simulate(tmp_path, cfg)
+    _check_consistency(tables, cfg)
+    assert summary["rows"]["users"] >= 10  # type: ignore[index]
