@@ -17,7 +17,7 @@ only, so serving builds them per request from the person's history row (`person_
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -410,57 +410,15 @@ class RecState:
         The catalogue's lazily built lookups are shared, not copied: a request's state costs
         only its person's rows.
         """
-        return cls(
-            as_of=as_of,
-            users=people.users,
-            items=cat.items,
-            item_creator=cat.item_creator,
-            creators=cat.creators,
-            item_style=cat.item_style,
-            styles=cat.styles,
-            item_active=cat.item_active,
-            item_created_days=cat.item_created_days,
-            item_stats=cat.item_stats,
-            user_stats=people.user_stats,
-            buys=people.buys,
-            bought=people.bought,
-            qty=people.qty,
-            buys_decay=people.buys_decay,
-            last_buy=people.last_buy,
-            first_buy=people.first_buy,
-            views=people.views,
-            views_decay=people.views_decay,
-            liked=people.liked,
-            style_aff=people.style_aff,
-            creator_aff=people.creator_aff,
-            copurchase=cat.copurchase,
-            coview=cat.coview,
-            ease=cat.ease,
-            creator_owner=cat.creator_owner,
-            derived=cat.derived,
-            catalogue_as_of=cat.as_of,
-            half_life_days=cat.half_life_days,
-        )
+        shared = {f.name: getattr(cat, f.name) for f in fields(Catalogue) if f.name != "as_of"}
+        own = {f.name: getattr(people, f.name) for f in fields(UserSide)}
+        return cls(as_of=as_of, catalogue_as_of=cat.as_of, **shared, **own)
 
     def catalogue(self) -> Catalogue:
         """The item side of this state (sharing its lookups)."""
-        return Catalogue(
-            as_of=self.catalogue_as_of if self.catalogue_as_of is not None else self.as_of,
-            items=self.items,
-            item_creator=self.item_creator,
-            creators=self.creators,
-            item_style=self.item_style,
-            styles=self.styles,
-            item_active=self.item_active,
-            item_created_days=self.item_created_days,
-            item_stats=self.item_stats,
-            copurchase=self.copurchase,
-            coview=self.coview,
-            ease=self.ease,
-            creator_owner=self.creator_owner,
-            half_life_days=self.half_life_days,
-            derived=self.derived,
-        )
+        as_of = self.catalogue_as_of if self.catalogue_as_of is not None else self.as_of
+        shared = {f.name: getattr(self, f.name) for f in fields(Catalogue) if f.name != "as_of"}
+        return Catalogue(as_of=as_of, **shared)
 
     @property
     def n_items(self) -> int:

@@ -96,6 +96,28 @@ def _edited(trained: Trained, tmp: Path, edit: Edit) -> pd.DataFrame:
     return payment_feature_frame(out)
 
 
+def _copies_before(
+    payments: pd.DataFrame, ids: pd.Series, n: int, gap_seconds: int, prefix: str
+) -> pd.DataFrame:
+    """``n`` copies of each picked payment, ``gap_seconds`` apart, ending one gap before it."""
+    base = payments[payments["payment_id"].isin(ids)]
+    extra = base.loc[base.index.repeat(n)].copy()
+    step = np.tile(np.arange(n, 0, -1), len(base))
+    extra["payment_time"] = extra["payment_time"] - pd.to_timedelta(step * gap_seconds, unit="s")
+    extra["payment_id"] = [f"{prefix}-{p}-{k}" for p, k in zip(extra["payment_id"], step, strict=True)]
+    return extra
+
+
+def _full_tier_change(
+    trained: Trained, original: pd.DataFrame, edited: pd.DataFrame, ids: pd.Series
+) -> tuple[np.ndarray, np.ndarray, str]:
+    """The full tier's scores of the picked payments before and after an edit, and a summary."""
+    before = trained.scores("full", original, ids)
+    after = trained.scores("full", edited, ids)
+    summary = f"raised {int((after > before).sum())}, lowered {int((after < before).sum())} of {len(ids)}"
+    return before, after, summary
+
+
 @pytest.fixture(scope="module")
 def original(trained: Trained) -> pd.DataFrame:
     return payment_feature_frame(trained.events)
@@ -132,18 +154,12 @@ def test_a_card_testing_burst_raises_the_score(
 
     def burst(payments: pd.DataFrame, users: pd.DataFrame) -> pd.DataFrame:
         """Tiny attempts on the payment's own card, 90 s apart, in the 12 minutes before it."""
-        base = payments[payments["payment_id"].isin(ids)]
-        extra = base.loc[base.index.repeat(BURST)].copy()
-        step = np.tile(np.arange(BURST, 0, -1), len(base))
-        extra["payment_time"] = extra["payment_time"] - pd.to_timedelta(step * 90, unit="s")
-        extra["payment_id"] = [f"burst-{p}-{k}" for p, k in zip(extra["payment_id"], step, strict=True)]
+        extra = _copies_before(payments, ids, BURST, gap_seconds=90, prefix="burst")
         extra["amount"] = 1.0
         return extra
 
     edited = _edited(trained, tmp_path, burst)
-    before = trained.scores("full", original, ids)
-    after = trained.scores("full", edited, ids)
-    summary = f"raised {int((after > before).sum())}, lowered {int((after < before).sum())} of {len(ids)}"
+    before, after, summary = _full_tier_change(trained, original, edited, ids)
     assert (after > before).mean() >= 0.9, summary
     assert np.median(after / before) > 1.5, summary
 
@@ -156,19 +172,13 @@ def test_a_device_shared_by_many_accounts_raises_the_score(
 
     def share(payments: pd.DataFrame, users: pd.DataFrame) -> pd.DataFrame:
         """Other accounts with their own cards pay from the same device in the 3 hours before."""
-        base = payments[payments["payment_id"].isin(ids)]
-        extra = base.loc[base.index.repeat(SHARERS)].copy()
-        step = np.tile(np.arange(SHARERS, 0, -1), len(base))
-        extra["payment_time"] = extra["payment_time"] - pd.to_timedelta(step * 1800, unit="s")
-        extra["payment_id"] = [f"shared-{p}-{k}" for p, k in zip(extra["payment_id"], step, strict=True)]
+        extra = _copies_before(payments, ids, SHARERS, gap_seconds=1800, prefix="shared")
         extra["user_id"] = strangers.to_numpy()
         extra["card_fingerprint"] = [f"other-card-{i}" for i in range(len(extra))]
         return extra
 
     edited = _edited(trained, tmp_path, share)
-    before = trained.scores("full", original, ids)
-    after = trained.scores("full", edited, ids)
-    summary = f"raised {int((after > before).sum())}, lowered {int((after < before).sum())} of {len(ids)}"
+    before, after, summary = _full_tier_change(trained, original, edited, ids)
     assert (after > before).mean() >= 0.8, summary
     assert np.median(after / before) > 1.2, summary
 

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
 import pytest
 from test_features_realserver import production  # noqa: F401  (fixture)
+from test_rec_parity import _record
 
 from features.rec_feast import (
     CONTEXT_INPUT,
@@ -55,17 +55,7 @@ def test_history_rows_on_redis_feed_the_same_vectors(production: Settings, world
     hs = history_store(store)
 
     later = inter[(times >= cut).to_numpy()].sort_values("event_time").head(40)
-    records: list[dict[str, Any]] = [
-        {
-            "event_id": str(r["event_id"]),
-            "user_id": str(r["user_id"]),
-            "item_id": str(r["item_id"]),
-            "event_type": str(r["event_type"]),
-            "event_time": pd.Timestamp(r["event_time"]).to_pydatetime(),
-            "quantity": int(r["quantity"]),
-        }
-        for _, r in later.iterrows()
-    ]
+    records = [_record(r) for _, r in later.iterrows()]
     assert hs.append(records) == len(records)
     assert hs.append(records[:3]) == 0  # idempotent
     now = pd.Timestamp(later["event_time"].max()) + pd.Timedelta(seconds=1)
