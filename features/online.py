@@ -161,6 +161,14 @@ class PaymentRecord(NamedTuple):
         return _new_tuple(cls, (*fields, creator or None, None, None, ()))
 
 
+@functools.lru_cache(maxsize=65_536)
+def decode_member(member: bytes) -> PaymentRecord:
+    """`PaymentRecord.decode` of a stored log member, cached: a payment's record is read back by
+    every later payment of its user, card, device and IP for 30 days (a read decodes dozens).
+    Erasure clears the cache (`RedisEventState.delete`)."""
+    return PaymentRecord.decode(member)
+
+
 @dataclass(frozen=True)
 class ProfileQuery:
     """Rows of one Feast profile view to read together with the state (same round trip).
@@ -404,6 +412,18 @@ class EventState(ABC):
     def snapshot(self, rec: PaymentRecord, profiles: Sequence[ProfileQuery] = ()) -> Snapshot:
         """The state strictly before ``rec.ts`` that its vector needs, plus the profile rows."""
 
+    def snapshot_and_write(
+        self, items: Sequence[tuple[PaymentRecord, Sequence[ProfileQuery], StateBatch]]
+    ) -> list[Snapshot]:
+        """For each payment in order: its snapshot, then its batch applied, so a later payment
+        of the list sees the earlier ones (Redis: one atomic script per payment, all in one
+        round trip)."""
+        out = []
+        for rec, profiles, batch in items:
+            out.append(self.snapshot(rec, profiles))
+            self.write(batch)
+        return out
+
     @abstractmethod
     def delete(self, entity: str, keys: Sequence[str]) -> int:
         """Erase everything keyed by these entities; return how many records went."""
@@ -638,7 +658,8 @@ class SqliteEventState(EventState):
 #: ARGV: 1 ``(lo``, 2 ``(t``, 3 ``t``, 4 the creator's ``cbuy`` prefix, 5 the buyer, 6-8 first-seen
 #: members, 9 the number W of creator dispute windows, 10..9+W their ``(lo``; then the number of
 #: profile groups and per group: key count, field count, fields.
-_SNAPSHOT_LUA = """
+_SNAPSHOT_FN = """
+local function snapshot(KEYS, ARGV)
 local lo, tx = ARGV[1], ARGV[2]
 local out = {}
 for i = 1, 4 do
@@ -672,12 +693,15 @@ for _ = 1, tonumber(ARGV[a]) do
   a = a + 2 + nf
 end
 return out
+end
 """
+_SNAPSHOT_LUA = _SNAPSHOT_FN + "return snapshot(KEYS, ARGV)\n"
 
 #: Applies a batch of writes atomically in one call. Each key has one operation in ARGV: ``h n
 #: f1 v1 .. fn vn`` (HSET), ``z score member`` (ZADD), ``LT``/``GT score member`` (ZADD LT/GT),
 #: ``p (max`` (ZREMRANGEBYSCORE -inf (max).
-_WRITE_LUA = """
+_WRITE_FN = """
+local function apply(KEYS, ARGV)
 local a = 1
 for i = 1, #KEYS do
   local op = ARGV[a]
@@ -697,7 +721,27 @@ for i = 1, #KEYS do
   end
 end
 return #KEYS
+end
 """
+_WRITE_LUA = _WRITE_FN + "return apply(KEYS, ARGV)\n"
+
+#: The scoring path's one call: the snapshot of a payment, then its writes, atomically (no other
+#: client's command runs in between). KEYS: the snapshot's keys, then the writes' keys. ARGV: 1
+#: the number of snapshot keys, 2 the number of snapshot arguments, the snapshot's arguments,
+#: then the writes'.
+_SCORE_LUA = (
+    _SNAPSHOT_FN
+    + _WRITE_FN
+    + """
+local nk, na = tonumber(ARGV[1]), tonumber(ARGV[2])
+local sk, sa, wk, wa = {}, {}, {}, {}
+for i = 1, #KEYS do if i <= nk then sk[i] = KEYS[i] else wk[i - nk] = KEYS[i] end end
+for i = 3, #ARGV do if i <= na + 2 then sa[i - 2] = ARGV[i] else wa[i - 2 - na] = ARGV[i] end end
+local out = snapshot(sk, sa)
+apply(wk, wa)
+return out
+"""
+)
 #: Keys per write-script call: a bulk load is split so that no call blocks Redis for long.
 _WRITE_CHUNK = 2_000
 
@@ -739,7 +783,7 @@ class RedisEventState(EventState):
         self.client = client
         self.project = project
         self.prefix = f"aipic:{project}:"
-        self._sha: str | None = None
+        self._shas: dict[str, str] = {}
         self._log = {kind: f"{self.prefix}log:{kind}:" for kind in LOG_ENTITIES}
         self._disp = {kind: f"{self.prefix}disp:{kind}:" for kind in ("user", "card", "creator")}
         self._dispute_windows = [str(len(CREATOR_DISPUTE_WINDOWS))]
@@ -760,6 +804,23 @@ class RedisEventState(EventState):
         the client's socket timeout). Writes are idempotent, so a load cut short is finished
         by running it again.
         """
+        keys, args = self._write_ops(batch)
+        if not keys:
+            return
+        if len(keys) <= _WRITE_CHUNK:
+            self._apply(keys=keys, args=args)
+            return
+        pipe = self.client.pipeline(transaction=False)
+        a = 0
+        for i in range(0, len(keys), _WRITE_CHUNK):
+            chunk = keys[i : i + _WRITE_CHUNK]
+            b = _ops_end(args, a, len(chunk))
+            self._apply(keys=chunk, args=args[a:b], client=pipe)
+            a = b
+        pipe.execute()
+
+    def _write_ops(self, batch: StateBatch) -> tuple[list[str], list[str | int]]:
+        """The batch as `_WRITE_LUA`'s keys and operations."""
         keys: list[str] = []
         args: list[str | int] = []
         for pid, ts, user, card, device, ip, creator, enc in batch.payments:
@@ -787,19 +848,7 @@ class RedisEventState(EventState):
         for (kind, key), floor in batch.prune.items():
             keys.append(self._log[kind] + key)
             args += ("p", f"({floor}")
-        if not keys:
-            return
-        if len(keys) <= _WRITE_CHUNK:
-            self._apply(keys=keys, args=args)
-            return
-        pipe = self.client.pipeline(transaction=False)
-        a = 0
-        for i in range(0, len(keys), _WRITE_CHUNK):
-            chunk = keys[i : i + _WRITE_CHUNK]
-            b = _ops_end(args, a, len(chunk))
-            self._apply(keys=chunk, args=args[a:b], client=pipe)
-            a = b
-        pipe.execute()
+        return keys, args
 
     def payment_routes(self, payment_ids: Sequence[str]) -> dict[str, tuple[str, str | None, str | None]]:
         pipe = self.client.pipeline(transaction=False)
@@ -811,11 +860,64 @@ class RedisEventState(EventState):
                 out[pid] = (user.decode(), card.decode() or None, creator.decode() or None)
         return out
 
-    def snapshot(
-        self, rec: PaymentRecord, profiles: Sequence[ProfileQuery] = (), *, retry: bool = True
-    ) -> Snapshot:
+    def snapshot(self, rec: PaymentRecord, profiles: Sequence[ProfileQuery] = ()) -> Snapshot:
+        keys, args = self._snapshot_call(rec, profiles)
+        return self._parse_snapshot(rec, profiles, self._eval(_SNAPSHOT_LUA, keys, args))
+
+    def snapshot_and_write(
+        self, items: Sequence[tuple[PaymentRecord, Sequence[ProfileQuery], StateBatch]]
+    ) -> list[Snapshot]:
+        """One `_SCORE_LUA` call per payment (atomic: its snapshot, then its writes), all sent in
+        one pipeline: Redis runs them in order, so a later payment sees the earlier ones."""
         from redis.exceptions import NoScriptError
 
+        calls = []
+        for rec, profiles, batch in items:
+            keys, args = self._snapshot_call(rec, profiles)
+            wkeys, wargs = self._write_ops(batch)
+            calls.append(([*keys, *wkeys], [len(keys), len(args), *args, *wargs]))
+        if len(calls) == 1:
+            replies = [self._eval(_SCORE_LUA, *calls[0])]
+        else:
+            sha = self._shas.get(_SCORE_LUA) or self._load(_SCORE_LUA)
+            for attempt in (1, 2):
+                pipe = self.client.pipeline(transaction=False)
+                for keys, args in calls:
+                    pipe.evalsha(sha, len(keys), *keys, *args)
+                replies = pipe.execute(raise_on_error=False)
+                if attempt == 1 and any(isinstance(r, NoScriptError) for r in replies):
+                    sha = self._load(_SCORE_LUA)  # none ran: the script cache was lost as a whole
+                    continue
+                break
+            for r in replies:
+                if isinstance(r, Exception):
+                    raise r
+        return [
+            self._parse_snapshot(rec, profiles, reply)
+            for (rec, profiles, _), reply in zip(items, replies, strict=True)
+        ]
+
+    def _load(self, script: str) -> str:
+        sha = self._shas[script] = str(self.client.script_load(script))
+        return sha
+
+    def _eval(self, script: str, keys: Sequence[str | bytes], args: Sequence[str | bytes | int]) -> Any:
+        """EVALSHA of a script loaded once; loaded again if the server lost its script cache
+        (restart, SCRIPT FLUSH)."""
+        from redis.exceptions import NoScriptError
+
+        sha = self._shas.get(script)
+        if sha is not None:
+            try:
+                return self.client.evalsha(sha, len(keys), *keys, *args)
+            except NoScriptError:
+                pass
+        return self.client.evalsha(self._load(script), len(keys), *keys, *args)
+
+    def _snapshot_call(
+        self, rec: PaymentRecord, profiles: Sequence[ProfileQuery]
+    ) -> tuple[list[str | bytes], list[str | bytes | int]]:
+        """`_SNAPSHOT_LUA`'s keys and arguments for the payment ``rec``."""
         t = rec.ts
         lo, tx = f"({t - HISTORY_US}", f"({t}"
         user, card, device, ip, creator = rec.user_id, rec.card, rec.device, rec.ip, rec.creator_id
@@ -848,19 +950,12 @@ class RedisEventState(EventState):
         for q in profiles:
             keys += q.redis_keys
             args += (len(q.redis_keys), len(q.redis_fields), *q.redis_fields)
-        try:
-            if self._sha is None:
-                self._sha = str(self.client.script_load(_SNAPSHOT_LUA))
-            reply = self.client.evalsha(
-                self._sha, 10 + sum(len(q.redis_keys) for q in profiles), *keys, *args
-            )
-        except NoScriptError:  # the server lost its script cache (restart, SCRIPT FLUSH): load again
-            if not retry:
-                raise
-            self._sha = None
-            return self.snapshot(rec, profiles, retry=False)
+        return keys, args
+
+    def _parse_snapshot(self, rec: PaymentRecord, profiles: Sequence[ProfileQuery], reply: Any) -> Snapshot:
+        card, device = rec.card, rec.device
         snap = Snapshot()
-        decode = PaymentRecord.decode
+        decode = decode_member
         logs = snap.logs
         for kind, members in zip(VELOCITY_ENTITIES, reply[:4], strict=True):
             if members is not None:
@@ -889,6 +984,7 @@ class RedisEventState(EventState):
         return snap
 
     def delete(self, entity: str, keys: Sequence[str]) -> int:
+        decode_member.cache_clear()  # no decoded copy of an erased payment stays in memory
         c = self.client
         n = 0
         for key in keys:
@@ -1221,10 +1317,32 @@ class OnlineFeatures:
         orders the columns of one model.
         """
         rec = record_of(payment)
+        queries = self._payment_queries(rec)
+        snap = self.state.snapshot(rec, queries)  # one round trip: state and Feast profiles
+        return self._vector(rec, snap, names)
+
+    def payment_vectors_and_update(
+        self, payments: Sequence[PaymentRecord], names: Sequence[Sequence[str] | None]
+    ) -> list[dict[str, float]]:
+        """What scoring purchases does, for each in order: its vector (as `payment_vector`), then
+        the payment applied to the real-time state (as `update_payment`). One round trip on Redis
+        however many payments; a later payment of the list sees the earlier ones, exactly as if
+        they had been scored one after the other."""
+        items = []
+        for rec in payments:
+            batch = StateBatch()
+            batch.add_payment(rec)
+            items.append((rec, self._payment_queries(rec), batch))
+        snaps = self.state.snapshot_and_write(items)
+        return [self._vector(rec, snap, n) for rec, snap, n in zip(payments, snaps, names, strict=True)]
+
+    def _payment_queries(self, rec: PaymentRecord) -> list[ProfileQuery]:
         queries = [self._profile_query("user_profile", "user_id", [rec.user_id])]
         if rec.item_ids:
             queries.append(self._profile_query("item_profile", "item_id", list(rec.item_ids)))
-        snap = self.state.snapshot(rec, queries)  # one round trip: state and Feast profiles
+        return queries
+
+    def _vector(self, rec: PaymentRecord, snap: Snapshot, names: Sequence[str] | None) -> dict[str, float]:
         snap.user_profile = snap.profiles[0][0]
         if rec.item_ids:
             snap.items = [
@@ -1276,6 +1394,21 @@ def online_payment_vector(
 ) -> dict[str, float]:
     """The online feature vector of a payment being scored (equal to the offline row within 1e-9)."""
     return online.payment_vector(payment, names)
+
+
+def score_online(
+    online: OnlineFeatures, payment: Payment | dict[str, Any], names: Sequence[str] | None = None
+) -> dict[str, float]:
+    """The API's scoring path for one payment: its online vector, and the payment applied."""
+    return score_online_many(online, [record_of(payment)], [names])[0]
+
+
+def score_online_many(
+    online: OnlineFeatures, records: Sequence[PaymentRecord], names: Sequence[Sequence[str] | None]
+) -> list[dict[str, float]]:
+    """The API's scoring path for a batch of requests (`record_of` each payment first): vectors,
+    and the payments applied in order (see `OnlineFeatures.payment_vectors_and_update`)."""
+    return online.payment_vectors_and_update(records, names)
 
 
 def delete_entities(online: OnlineFeatures, entity_name: str, keys: Iterable[str]) -> int:

@@ -134,6 +134,20 @@ class Settings(BaseSettings):
         description="Worker threads computing decisions (gate, features, model) at once; more only "
         "contend for the GIL. Also sizes the database connection pool.",
     )
+    score_batch_workers: int = Field(
+        default=2,
+        ge=1,
+        le=64,
+        description="Scoring batches decided at once (each in its own thread); two overlap one batch's "
+        "store round trips with the next one's computation.",
+    )
+    score_max_batch: int = Field(
+        default=64,
+        ge=1,
+        le=1024,
+        description="Most scoring requests decided together (they share one ledger query, one online-store "
+        "round trip and one model call).",
+    )
     bench_noop_endpoint: bool = Field(
         default=False, description="Expose POST /v1/bench/noop (benchmark ceiling)."
     )

@@ -28,8 +28,13 @@ class PipelineFeatureSource:
     def request_vector(self, payment: Mapping[str, Any]) -> Vector:
         return dict(self._impl.request_vector(dict(payment)))
 
-    def update_payment(self, payment: Mapping[str, Any]) -> None:
-        self._impl.update_payment(dict(payment))
+    def score_payments(
+        self, payments: Sequence[Mapping[str, Any]], names: Sequence[Sequence[str]]
+    ) -> list[Vector]:
+        from features.online import record_of, score_online_many
+
+        records = [record_of(dict(p)) for p in payments]
+        return [dict(v) for v in score_online_many(self._impl, records, names)]
 
     def update_interactions(self, events: Sequence[Mapping[str, Any]]) -> None:
         self._impl.update_interactions(events)

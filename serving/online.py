@@ -36,7 +36,12 @@ class FeatureSource(Protocol):
         """Features computable from the request alone (no store access)."""
         ...
 
-    def update_payment(self, payment: Mapping[str, Any]) -> None: ...
+    def score_payments(
+        self, payments: Sequence[Mapping[str, Any]], names: Sequence[Sequence[str]]
+    ) -> list[Vector]:
+        """For each payment in order: `payment_vector` (with ``names[i]``), then the payment applied
+        to the real-time features; one store round trip for the whole batch."""
+        ...
 
     def update_interactions(self, events: Sequence[Mapping[str, Any]]) -> None: ...
 
@@ -97,17 +102,20 @@ class OnlineGateway:
     def request_vector(self, payment: Mapping[str, Any]) -> Vector:
         return self.source.request_vector(payment)
 
-    def update_payment(self, payment: Mapping[str, Any]) -> bool:
-        """Apply the payment to the real-time features; False (and degraded) if the store is down."""
+    def score_payments(
+        self, payments: Sequence[Mapping[str, Any]], names: Sequence[Sequence[str]]
+    ) -> list[Vector] | None:
+        """The stored vectors with the payments applied to the real-time features, or None when
+        the store is down (the caller answers degraded)."""
         if not self.up:
-            return False
+            return None
         try:
-            self.source.update_payment(payment)
+            vectors = self.source.score_payments(payments, names)
         except Exception as exc:
             self._failed(exc)
-            return False
+            return None
         self._ok()
-        return True
+        return vectors
 
     def update_interactions(self, events: Sequence[Mapping[str, Any]]) -> bool:
         if not self.up:

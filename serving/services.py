@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 from sqlalchemy import Engine, text
@@ -23,6 +24,7 @@ from features.privacy.ledger import ConsentLedger
 from features.privacy.registry import Registry, build_registry
 from features.settings import Settings
 from serving.auth import ApiKeyStore, TokenVerifier
+from serving.batching import MicroBatcher
 from serving.decisions import DecisionStore, DecisionWriter
 from serving.metrics import Metrics
 from serving.modelset import REC_TIERS, Loader, ModelManager, rec_name
@@ -30,6 +32,10 @@ from serving.online import FeatureSource, OnlineGateway
 from serving.profiles import ProfileStore
 from serving.ratelimit import RateLimiter
 from serving.recsys import RecommenderHolder
+
+if TYPE_CHECKING:
+    from serving.schemas import PaymentIn
+    from serving.scoring import Decided
 
 log = logging.getLogger("aipic.serving")
 T = TypeVar("T")
@@ -57,8 +63,11 @@ def serving_engine(settings: Settings) -> Engine:
         return engine_for(url)
     from sqlalchemy import create_engine
 
+    from features.db import json_dumps
+
     return create_engine(
         url,
+        json_serializer=json_dumps,
         pool_size=settings.decision_threads + 4,  # + the decision writer and the rare admin reads
         max_overflow=16,
         pool_pre_ping=False,
@@ -88,6 +97,7 @@ class Services:
     metrics: Metrics
     profiles: ProfileStore
     recommender: RecommenderHolder
+    scoring: MicroBatcher[PaymentIn, Decided] = field(init=False)
     online: OnlineGateway | None = None
     feature_defs: dict[str, FeatureDef] = field(default_factory=dict)
     ready: bool = False
@@ -96,6 +106,16 @@ class Services:
     _source_factory: Callable[[Settings], FeatureSource] | None = None
     _poller: asyncio.Task[None] | None = None
     _decide_pool: ThreadPoolExecutor | None = None
+
+    def __post_init__(self) -> None:
+        from serving.scoring import decide_payments
+
+        self.scoring = MicroBatcher(
+            functools.partial(decide_payments, self),
+            workers=self.settings.score_batch_workers,
+            max_batch=self.settings.score_max_batch,
+            name="aipic-score",
+        )
 
     @classmethod
     def create(
@@ -239,7 +259,8 @@ class Services:
             self._poller.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._poller
-        if self._decide_pool is not None:  # decisions in flight finish first (their rows get queued)
+        await self.scoring.close()  # decisions in flight finish first (their rows get queued)
+        if self._decide_pool is not None:
             pool, self._decide_pool = self._decide_pool, None
             await asyncio.get_running_loop().run_in_executor(None, pool.shutdown, True)
         await self.writer.close()  # then every queued decision row is committed

@@ -277,10 +277,13 @@ class FlakySource:
     def request_vector(self, payment: Mapping[str, Any]) -> Vector:
         return self.real.request_vector(payment)
 
-    def update_payment(self, payment: Mapping[str, Any]) -> None:
+    def score_payments(
+        self, payments: Sequence[Mapping[str, Any]], names: Sequence[Sequence[str]]
+    ) -> list[Vector]:
         self._check()
-        self.real.update_payment(payment)
-        self.updates.append(payment)
+        vectors = self.real.score_payments(payments, names)
+        self.updates.extend(payments)
+        return vectors
 
     def update_interactions(self, events: Sequence[Mapping[str, Any]]) -> None:
         self._check()

@@ -165,3 +165,48 @@ def test_events_update_online_features(api: Api) -> None:
     api.source.down = True
     r = api.client.post("/v1/events", json={"events": [event]}, headers=headers)
     assert r.status_code == 503 and "Retry-After" in r.headers
+
+
+def test_a_batch_of_requests_is_decided_as_if_one_after_the_other(api: Api) -> None:
+    """Requests that wait together are decided in one batch (`decide_payments`): a card-testing
+    burst inside one batch is seen by each later payment, and a person held by policy in the same
+    batch still goes to a human while the others are scored."""
+    import pandas as pd
+
+    from serving.schemas import PaymentIn
+    from serving.scoring import decide_payments
+
+    adults = api.adult_payments(2)
+    burst_body = api.payment_body(adults[0])
+    t0 = pd.Timestamp(burst_body["payment_time"])
+    burst = [
+        PaymentIn.model_validate(
+            burst_body
+            | {
+                "payment_id": f"burst-{i}",
+                "card_fingerprint": "card-never-seen-before",
+                "amount": 1.0,
+                "payment_time": (t0 + pd.Timedelta(seconds=i)).isoformat(),
+            }
+        )
+        for i in range(5)
+    ]
+    held_body = api.payment_body(adults[1])
+    api.services.ledger.record_control(
+        held_body["user_id"], "restriction", active=True, collection_method="test"
+    )
+    held = PaymentIn.model_validate(held_body | {"payment_id": "held-1"})
+    results = decide_payments(api.services, [burst[0], burst[1], held, *burst[2:]])
+    assert not any(isinstance(r, BaseException) for r in results)
+    outs = [r[0] for r in results]  # type: ignore[index]
+    rows = [r[1] for r in results]  # type: ignore[index]
+    assert outs[2].human_review and outs[2].fraud_probability is None
+    counts = []
+    for row in rows[:2] + rows[3:]:
+        i = row["feature_names"].index("card_count_10m")
+        counts.append(row["vectors"][0][i])
+    assert counts == [1.0, 2.0, 3.0, 4.0, 5.0]
+    # the same raw score as the model gives the logged row on its own
+    bundle = api.services.models.version(rows[4]["model_name"], rows[4]["model_version"])
+    x = np.array([[np.nan if v is None else v for v in rows[4]["vectors"][0]]])
+    assert float(bundle.raw_score(x)[0]) == rows[4]["raw_scores"][0]

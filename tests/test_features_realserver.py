@@ -18,7 +18,13 @@ from conftest import IN_CI
 from features_kit import compare, event_stream
 
 from features.events import Payment
-from features.online import OnlineFeatures, delete_entities, online_payment_vector, update_online
+from features.online import (
+    OnlineFeatures,
+    delete_entities,
+    online_payment_vector,
+    score_online,
+    update_online,
+)
 from features.payment_features import PAYMENT_FEATURE_NAMES, payment_feature_frame
 from features.settings import Settings, get_settings
 from features.simulate import SimulationConfig, simulate_to_dir
@@ -139,9 +145,10 @@ def test_redis_online_path_matches_offline_and_erases(production: Settings, smal
     try:
         vectors = {}
         for _t, _k, _id, event in event_stream(small_world):
-            update_online(online, event)
             if isinstance(event, Payment) and event.kind == "purchase":
-                vectors[event.payment_id] = online_payment_vector(online, event)
+                vectors[event.payment_id] = score_online(online, event)
+            else:
+                update_online(online, event)
         offline = payment_feature_frame(small_world).set_index("payment_id")
         assert compare(pd.DataFrame.from_dict(vectors, orient="index"), offline, PAYMENT_FEATURE_NAMES) == []
 

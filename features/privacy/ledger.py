@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -193,10 +193,12 @@ class ImportReport:
 
 # Built once: the gate reads state on every request, so statement construction is kept off the hot
 # path. One statement (consents and controls in a UNION ALL) and one round trip: the state is one
-# consistent snapshot, read fresh every time.
+# consistent snapshot, read fresh every time. The API reads the persons of a batch of requests at
+# once (an expanding ``IN``); a lone read is a batch of one.
 _STATE: CompoundSelect = union_all(
     select(
         literal_column("0").label("src"),
+        ConsentRecord.subject_id.label("subject"),
         ConsentRecord.purpose.label("name"),
         ConsentRecord.status.label("value"),
         ConsentRecord.receipt_id,
@@ -205,11 +207,12 @@ _STATE: CompoundSelect = union_all(
         cast(null(), Boolean).label("active"),
         ConsentRecord.id,
     ).where(
-        ConsentRecord.subject_id == bindparam("subject"),
+        ConsentRecord.subject_id.in_(bindparam("subjects", expanding=True)),
         ConsentRecord.event_time <= bindparam("at", type_=UTCDateTime),
     ),
     select(
         literal_column("1"),
+        ProcessingControl.subject_id,
         ProcessingControl.kind,
         ProcessingControl.scope,
         cast(null(), String),
@@ -218,7 +221,7 @@ _STATE: CompoundSelect = union_all(
         ProcessingControl.active,
         ProcessingControl.id,
     ).where(
-        ProcessingControl.subject_id == bindparam("subject"),
+        ProcessingControl.subject_id.in_(bindparam("subjects", expanding=True)),
         ProcessingControl.event_time <= bindparam("at", type_=UTCDateTime),
     ),
 ).order_by(literal_column("src"), literal_column("event_time"), literal_column("id"))
@@ -361,21 +364,29 @@ class ConsentLedger:
     # -- reading ----------------------------------------------------------------------------------
     def state(self, subject_id: str, at: dt.datetime | None = None) -> SubjectState:
         """Derive the person's consents, restriction and objections at ``at`` (default now)."""
+        return self.states([subject_id], at)[subject_id]
+
+    def states(self, subject_ids: Sequence[str], at: dt.datetime | None = None) -> dict[str, SubjectState]:
+        """`state` of several persons at the same ``at``, in one query (the API's request batches)."""
         when = as_utc(at or now_utc())
-        params = {"subject": subject_id, "at": when}
-        rows = self._state_rows(params)
-        consents: dict[str, ConsentState] = {}
-        latest: dict[tuple[str, str], bool] = {}
-        for src, name, value, receipt, time, policy, active, _id in rows:  # one person: a handful
+        wanted = sorted(set(subject_ids))
+        rows = self._state_rows({"subjects": wanted, "at": when}) if wanted else []
+        consents: dict[str, dict[str, ConsentState]] = {s: {} for s in wanted}
+        latest: dict[str, dict[tuple[str, str], bool]] = {s: {} for s in wanted}
+        for src, subject, name, value, receipt, time, policy, active, _id in rows:  # rows in time order
             if int(src) == 0:  # consent record: the latest per purpose wins
-                consents[name] = ConsentState(name, ConsentStatus(value), receipt, time, policy)
+                consents[subject][name] = ConsentState(name, ConsentStatus(value), receipt, time, policy)
             else:  # processing control: the latest per (kind, scope) wins
-                latest[(name, value)] = bool(active)
-        restricted = any(active for (kind, _), active in latest.items() if kind == "restriction")
-        objections = frozenset(
-            scope for (kind, scope), active in latest.items() if kind == "objection" and active
-        )
-        return SubjectState(subject_id, when, consents, restricted, objections)
+                latest[subject][(name, value)] = bool(active)
+        out = {}
+        for s in wanted:
+            controls = latest[s]
+            restricted = any(active for (kind, _), active in controls.items() if kind == "restriction")
+            objections = frozenset(
+                scope for (kind, scope), active in controls.items() if kind == "objection" and active
+            )
+            out[s] = SubjectState(s, when, consents[s], restricted, objections)
+        return out
 
     def _state_rows(self, params: dict[str, Any]) -> list[Any]:
         """One autocommit read (a lone SELECT needs no BEGIN/ROLLBACK round trips around it).

@@ -1,0 +1,110 @@
+"""MicroBatcher: requests waiting together are decided together, each gets its own answer."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from serving.batching import MicroBatcher
+
+
+def _run(coro):  # type: ignore[no-untyped-def]
+    return asyncio.run(coro)
+
+
+def test_waiting_requests_share_a_batch_and_get_their_own_results() -> None:
+    seen: list[list[int]] = []
+    gate = threading.Event()
+
+    def double(items: list[int]) -> list[int]:
+        gate.wait(5)  # the first batch holds the worker while the others queue up
+        seen.append(list(items))
+        return [2 * i for i in items]
+
+    async def main() -> list[int]:
+        b: MicroBatcher[int, int] = MicroBatcher(double, workers=1, max_batch=8, name="t")
+        first = asyncio.create_task(b.submit(0))
+        await asyncio.sleep(0.05)
+        rest = [asyncio.create_task(b.submit(i)) for i in range(1, 11)]
+        await asyncio.sleep(0.05)
+        gate.set()
+        out = [await first, *[await t for t in rest]]
+        await b.close()
+        assert b.items == 11 and b.batches == 3
+        return out
+
+    assert _run(main()) == [2 * i for i in range(11)]
+    assert seen[0] == [0]
+    assert seen[1] == list(range(1, 9))  # max_batch caps a batch; order is arrival order
+    assert seen[2] == [9, 10]
+
+
+def test_one_failing_item_does_not_fail_its_neighbours() -> None:
+    def check(items: list[int]) -> list[int | BaseException]:
+        return [ValueError(f"bad {i}") if i < 0 else i for i in items]
+
+    async def main() -> tuple[list[int], str]:
+        b: MicroBatcher[int, int] = MicroBatcher(check, workers=2, max_batch=4, name="t")
+        tasks = [asyncio.create_task(b.submit(i)) for i in (1, -1, 2)]
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        await b.close()
+        ok = [r for r in results if isinstance(r, int)]
+        err = next(str(r) for r in results if isinstance(r, ValueError))
+        return ok, err
+
+    assert _run(main()) == ([1, 2], "bad -1")
+
+
+def test_a_failing_call_reaches_every_request_of_the_batch_and_the_batcher_goes_on() -> None:
+    calls = 0
+
+    def flaky(items: list[int]) -> list[int]:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise ConnectionError("store down")
+        return items
+
+    async def main() -> tuple[list[object], int]:
+        b: MicroBatcher[int, int] = MicroBatcher(flaky, workers=1, max_batch=8, name="t")
+        first = await asyncio.gather(b.submit(1), b.submit(2), return_exceptions=True)
+        again = await b.submit(3)
+        await b.close()
+        return first, again
+
+    first, again = _run(main())
+    assert all(isinstance(r, ConnectionError) for r in first)
+    assert again == 3
+
+
+def test_close_decides_what_is_queued_first() -> None:
+    def slow(items: list[int]) -> list[int]:
+        threading.Event().wait(0.02)
+        return items
+
+    async def main() -> list[int]:
+        b: MicroBatcher[int, int] = MicroBatcher(slow, workers=1, max_batch=2, name="t")
+        tasks = [asyncio.create_task(b.submit(i)) for i in range(7)]
+        await asyncio.sleep(0)  # queued, not yet decided
+        await b.close()
+        assert all(t.done() for t in tasks)
+        return [t.result() for t in tasks]
+
+    assert _run(main()) == list(range(7))
+
+
+def test_a_wrong_number_of_results_is_an_error_not_a_silent_mismatch() -> None:
+    async def main() -> None:
+        b: MicroBatcher[int, int] = MicroBatcher(lambda items: items[:-1], workers=1, max_batch=4, name="t")
+        with pytest.raises(RuntimeError, match="results for"):
+            await asyncio.gather(b.submit(1), b.submit(2))
+        await b.close()
+
+    _run(main())
+
+
+def test_bad_settings_are_refused() -> None:
+    with pytest.raises(ValueError, match="at least 1"):
+        MicroBatcher(lambda items: items, workers=0, max_batch=4, name="t")
