@@ -25,6 +25,7 @@ Redis (the same server as Feast's Redis online store, keys ``aipic:<project>:...
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import functools
 import math
@@ -161,12 +162,34 @@ class PaymentRecord(NamedTuple):
         return _new_tuple(cls, (*fields, creator or None, None, None, ()))
 
 
-@functools.lru_cache(maxsize=65_536)
-def decode_member(member: bytes) -> PaymentRecord:
-    """`PaymentRecord.decode` of a stored log member, cached: a payment's record is read back by
+class _DecodeCache:
+    """`PaymentRecord.decode` of stored log members, cached: a payment's record is read back by
     every later payment of its user, card, device and IP for 30 days (a read decodes dozens).
-    Erasure clears the cache (`RedisEventState.delete`)."""
-    return PaymentRecord.decode(member)
+
+    A plain insertion-ordered dict, oldest out first: one object for the garbage collector (the
+    records, tuples of strings and ints, are not tracked), where an `functools.lru_cache` would
+    add a tracked link per entry and lengthen every full collection. Erasure clears it
+    (`RedisEventState.delete`).
+    """
+
+    def __init__(self, maxsize: int) -> None:
+        self.maxsize = maxsize
+        self._records: dict[bytes, PaymentRecord] = {}
+
+    def __call__(self, member: bytes) -> PaymentRecord:
+        rec = self._records.get(member)
+        if rec is None:
+            rec = self._records[member] = PaymentRecord.decode(member)
+            if len(self._records) > self.maxsize:
+                with contextlib.suppress(StopIteration, KeyError, RuntimeError):  # another thread won
+                    del self._records[next(iter(self._records))]
+        return rec
+
+    def cache_clear(self) -> None:
+        self._records = {}
+
+
+decode_member = _DecodeCache(maxsize=65_536)
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import gc
 import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -80,6 +81,20 @@ def default_feature_source(settings: Settings) -> FeatureSource:
     from serving.feature_source import PipelineFeatureSource
 
     return PipelineFeatureSource(settings)
+
+
+def settle_heap() -> None:
+    """Keep the long-lived heap out of full garbage collections (`gc.freeze`).
+
+    Models, the recommender catalogue, Feast and the libraries leave ~450k objects that live as
+    long as the process. A full collection walked them all, every few seconds under load, and
+    stalled every request for 150-300 ms (measured: that was the scoring p99). Frozen, a full
+    collection walks only what requests leave behind (~30k objects, ~12 ms). Unfreezing and
+    collecting first means the garbage of replaced models is freed, never frozen.
+    """
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()
 
 
 @dataclass
@@ -179,6 +194,7 @@ class Services:
         self._warm_online()
         self._publish_models()
         self.update_readiness()
+        settle_heap()
 
     def _warm_online(self) -> None:
         """One read of a made-up payment: the first real request then finds the store connected."""
@@ -234,6 +250,7 @@ class Services:
         if changed:
             self.metrics.model_reloads.labels("swapped").inc()
             self._publish_models()
+            settle_heap()
         self.update_readiness()
         return changed
 
