@@ -16,6 +16,7 @@ only, so serving builds them per request from the person's history row (`person_
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -456,13 +457,19 @@ class RecState:
         """Row of a user, or -1 for an unknown person (cold start)."""
         if user_id is None:
             return -1
-        pos = self.users.get_indexer(pd.Index([user_id]))[0]
-        return int(pos)
+        if len(self.users) == 1:  # a request's state: its one person or nobody
+            return 0 if self.users[0] == user_id else -1
+        return int(self.users.get_indexer(pd.Index([user_id]))[0])
 
     def item_col(self, item_id: str | None) -> int:
         if item_id is None:
             return -1
-        return int(self.items.get_indexer(pd.Index([item_id]))[0])
+        return _item_positions(self.derived, self.items).get(item_id, -1)
+
+    def item_cols(self, item_ids: Sequence[str]) -> np.ndarray:
+        """Columns of items (-1 for unknown ones)."""
+        positions = _item_positions(self.derived, self.items)
+        return np.fromiter((positions.get(i, -1) for i in item_ids), np.int64, len(item_ids))
 
 
 def _days_before(times: pd.Series, as_of: pd.Timestamp) -> np.ndarray:
@@ -479,15 +486,92 @@ def _utc_series(s: pd.Series) -> pd.Series:
     return s.dt.tz_localize("UTC") if s.dt.tz is None else s.dt.tz_convert("UTC")
 
 
-def _csr(rows: np.ndarray, cols: np.ndarray, vals: np.ndarray, shape: tuple[int, int]) -> sp.csr_matrix:
-    """CSR straight from entries already sorted by (row, column) without duplicates.
+_ONE_ROW: dict[int, sp.csr_matrix] = {}
 
-    Why not the (data, (rows, cols)) constructor: it goes through COO and costs ~100 µs per
-    matrix, and a request builds a dozen of them for its person.
+
+def _one_row(data: np.ndarray, indices: np.ndarray, indptr: np.ndarray, n_cols: int) -> sp.csr_matrix:
+    """A 1 × n_cols CSR matrix from arrays known to be canonical (sorted, unique int32 columns).
+
+    Why not the constructor: its format checks cost ~17 µs per matrix and a request builds a
+    dozen for its person; a copy of an empty matrix of that shape with the arrays swapped in
+    (public attributes only) is the same matrix.
     """
-    indptr = np.zeros(shape[0] + 1, dtype=np.int32)
-    np.cumsum(np.bincount(rows, minlength=shape[0]), out=indptr[1:])
-    return sp.csr_matrix((vals.astype(np.float32), cols.astype(np.int32), indptr), shape=shape, copy=False)
+    empty = _ONE_ROW.get(n_cols)
+    if empty is None:
+        if len(_ONE_ROW) >= 64:  # a few catalogues' item, style and creator counts
+            _ONE_ROW.clear()
+        empty = _ONE_ROW[n_cols] = sp.csr_matrix((1, n_cols), dtype=np.float32)
+    m = copy.copy(empty)
+    m.data, m.indices, m.indptr = data, indices, indptr
+    return m
+
+
+@dataclass(frozen=True)
+class _Pairs:
+    """Triplets grouped by (row, column): their stable sorted order and where each pair starts.
+
+    One grouping serves every matrix over the same (row, column) pairs (a person's purchases
+    give their counts, quantities, decayed counts, first and last purchase), and the matrices
+    share its `indices` / `indptr` arrays (never modified in place).
+    """
+
+    shape: tuple[int, int]
+    order: np.ndarray
+    starts: np.ndarray
+    indices: np.ndarray  # int32 column of each pair, sorted by (row, column)
+    indptr: np.ndarray  # int32
+
+    @classmethod
+    def of(cls, rows: np.ndarray, cols: np.ndarray, shape: tuple[int, int]) -> _Pairs:
+        key = rows.astype(np.int64) * np.int64(shape[1]) + cols
+        order = np.argsort(key, kind="stable")
+        k = key[order]
+        starts = (
+            np.flatnonzero(np.concatenate(([True], k[1:] != k[:-1]))) if len(k) else np.empty(0, np.int64)
+        )
+        uk = k[starts]
+        indptr = np.zeros(shape[0] + 1, dtype=np.int32)
+        np.cumsum(np.bincount(uk // shape[1], minlength=shape[0]), out=indptr[1:])
+        return cls(shape, order, starts, (uk % shape[1]).astype(np.int32), indptr)
+
+    def _matrix(self, vals: np.ndarray) -> sp.csr_matrix:
+        if len(self.order) == 0:
+            return sp.csr_matrix(self.shape, dtype=np.float32)
+        if self.shape[0] == 1:  # one person's row (every request): skip scipy's format checks
+            return _one_row(vals.astype(np.float32), self.indices, self.indptr, self.shape[1])
+        return sp.csr_matrix(
+            (vals.astype(np.float32), self.indices, self.indptr), shape=self.shape, copy=False
+        )
+
+    def total(self, vals: np.ndarray) -> np.ndarray:
+        """Per pair, the float64 sum of its values in input order."""
+        if len(self.order) == 0:
+            return np.empty(0)
+        return np.add.reduceat(np.asarray(vals, dtype=np.float64)[self.order], self.starts)
+
+    def sum(self, vals: np.ndarray) -> sp.csr_matrix:
+        """Duplicates summed in float64 in input order, then float32."""
+        return self._matrix(self.total(vals))
+
+    def max(self, vals: np.ndarray) -> sp.csr_matrix:
+        """Duplicates max-reduced."""
+        if len(self.order) == 0:
+            return self._matrix(np.empty(0))
+        return self._matrix(np.maximum.reduceat(np.asarray(vals, dtype=np.float64)[self.order], self.starts))
+
+    def ones(self) -> sp.csr_matrix:
+        """1 for every pair (the binary version of the sums)."""
+        return self._matrix(np.ones(len(self.starts)))
+
+    def share(self, vals: np.ndarray) -> sp.csr_matrix:
+        """The float32 sums, each divided by its row's total (float64 per row, then float32)."""
+        data = self.total(vals).astype(np.float32)
+        if len(data) == 0:
+            return self._matrix(data)
+        rows = np.repeat(np.arange(self.shape[0]), np.diff(self.indptr))
+        row_total = np.bincount(rows, weights=data, minlength=self.shape[0])
+        row_total[row_total == 0] = 1.0
+        return self._matrix((data / row_total[rows]).astype(np.float32))
 
 
 def _matrix_sum(
@@ -499,28 +583,14 @@ def _matrix_sum(
     one person's rows built from their own history equal their rows of the full snapshot bit
     for bit (the online/offline parity test holds that to 1e-9).
     """
-    if len(rows) == 0:
-        return sp.csr_matrix(shape, dtype=np.float32)
-    key = rows.astype(np.int64) * np.int64(shape[1]) + cols
-    order = np.argsort(key, kind="stable")
-    k = key[order]
-    starts = np.flatnonzero(np.r_[True, k[1:] != k[:-1]])
-    sums = np.add.reduceat(np.asarray(vals, dtype=np.float64)[order], starts)
-    uk = k[starts]
-    return _csr(uk // shape[1], uk % shape[1], sums, shape)
+    return _Pairs.of(rows, cols, shape).sum(vals)
 
 
 def _matrix_max(
     rows: np.ndarray, cols: np.ndarray, vals: np.ndarray, shape: tuple[int, int]
 ) -> sp.csr_matrix:
     """Sparse matrix from triplets, duplicates max-reduced."""
-    if len(rows) == 0:
-        return sp.csr_matrix(shape, dtype=np.float32)
-    key = rows.astype(np.int64) * np.int64(shape[1]) + cols
-    order = np.lexsort((vals, key))
-    k = key[order]
-    last = order[np.r_[k[1:] != k[:-1], True]]
-    return _csr(rows[last], cols[last], np.asarray(vals, dtype=np.float64)[last], shape)
+    return _Pairs.of(rows, cols, shape).max(vals)
 
 
 def _cosine_neighbours(x: sp.csr_matrix, top: int) -> sp.csr_matrix:
@@ -598,10 +668,23 @@ class _Events:
     decay: np.ndarray
 
 
-def _events(hist: History, items: pd.Index, t_us: int, half_life_days: float) -> _Events:
+def _events(
+    hist: History,
+    items: pd.Index,
+    t_us: int,
+    half_life_days: float,
+    lookup: dict[str, int] | None = None,
+) -> _Events:
     """Canonical order (person, time, type, item, quantity): a person's events come in the same
-    order whether they are read from the whole table or from their own history row."""
-    cols = items.get_indexer(pd.Index(hist.item_id)) if len(hist) else np.empty(0, np.int64)
+    order whether they are read from the whole table or from their own history row.
+
+    `lookup` (item id -> position in `items`) replaces pandas' indexer for a short history."""
+    if not len(hist):
+        cols = np.empty(0, np.int64)
+    elif lookup is not None:
+        cols = np.fromiter((lookup.get(x, -1) for x in hist.item_id), np.int64, len(hist))
+    else:
+        cols = items.get_indexer(pd.Index(hist.item_id))
     keep = (hist.ts_us < t_us) & (cols >= 0)
     h = hist.take(keep)
     cols = cols[keep].astype(np.int64)
@@ -642,43 +725,51 @@ def user_side(
     table, the online path over one person's history row read from Feast.
     """
     t_us = ts_to_us(as_of)
-    ev = _ev if _ev is not None else _events(hist, cat.items, t_us, cat.half_life_days)
+    lookup = (
+        None if _ev is not None or len(hist) > _DICT_LOOKUP_MAX else _item_positions(cat.derived, cat.items)
+    )
+    ev = _ev if _ev is not None else _events(hist, cat.items, t_us, cat.half_life_days, lookup)
     n_u, n_i = len(ev.users), len(cat.items)
     shape = (n_u, n_i)
     p = ev.kind == "purchase"
     v = ev.kind == "view"
     lc = (ev.kind == "like") | (ev.kind == "add_to_cart")
-    ur, ic = ev.u[p], ev.i[p]
-    buys = _matrix_sum(ur, ic, np.ones(int(p.sum())), shape)
-    qty = _matrix_sum(ur, ic, ev.qty[p], shape)
-    buys_decay = _matrix_sum(ur, ic, ev.decay[p], shape)
-    last_buy = _matrix_max(ur, ic, 1.0 / (1.0 + ev.age[p]), shape)
+    bought = _Pairs.of(ev.u[p], ev.i[p], shape)  # every purchase matrix has these entries
+    buys = bought.sum(np.ones(int(p.sum())))
+    last_buy = bought.max(1.0 / (1.0 + ev.age[p]))
     last_buy.data = (1.0 / last_buy.data).astype(np.float32)  # 1 + days since the latest purchase
-    first_buy = _matrix_max(ur, ic, ev.age[p] + 1.0, shape)
-    views = _matrix_sum(ev.u[v], ev.i[v], np.ones(int(v.sum())), shape)
-    views_decay = _matrix_sum(ev.u[v], ev.i[v], ev.decay[v], shape)
-    liked = _matrix_max(ev.u[lc], ev.i[lc], np.ones(int(lc.sum())), shape)
+    viewed = _Pairs.of(ev.u[v], ev.i[v], shape)
     w = np.ones(len(ev.kind))
     for kind, weight in EVENT_WEIGHT.items():
         w[ev.kind == kind] = weight
     w *= ev.decay
-    style_aff = _row_share(_matrix_sum(ev.u, cat.item_style[ev.i], w, (n_u, len(cat.styles))))
-    creator_aff = _row_share(_matrix_sum(ev.u, cat.item_creator[ev.i], w, (n_u, len(cat.creators))))
     return UserSide(
         users=ev.users,
         user_stats=_user_stats(ev, cat.item_stats["item_log_price"], n_u),
         buys=buys,
-        bought=_binary(buys),
-        qty=qty,
-        buys_decay=buys_decay,
+        bought=bought.ones(),
+        qty=bought.sum(ev.qty[p]),
+        buys_decay=bought.sum(ev.decay[p]),
         last_buy=last_buy,
-        first_buy=first_buy,
-        views=views,
-        views_decay=views_decay,
-        liked=liked,
-        style_aff=style_aff,
-        creator_aff=creator_aff,
+        first_buy=bought.max(ev.age[p] + 1.0),
+        views=viewed.sum(np.ones(int(v.sum()))),
+        views_decay=viewed.sum(ev.decay[v]),
+        liked=_matrix_max(ev.u[lc], ev.i[lc], np.ones(int(lc.sum())), shape),
+        style_aff=_Pairs.of(ev.u, cat.item_style[ev.i], (n_u, len(cat.styles))).share(w),
+        creator_aff=_Pairs.of(ev.u, cat.item_creator[ev.i], (n_u, len(cat.creators))).share(w),
     )
+
+
+_DICT_LOOKUP_MAX = 2048  # events up to which a dict beats pandas' hashing of a new Index
+
+
+def _item_positions(derived: dict[str, Any], items: pd.Index) -> dict[str, int]:
+    """item id -> column, built once per catalogue (kept with its lazily built lookups)."""
+    hit = derived.get("item_positions")
+    if hit is None or hit[0] is not items:
+        hit = derived["item_positions"] = (items, {str(x): k for k, x in enumerate(items)})
+    positions: dict[str, int] = hit[1]
+    return positions
 
 
 def person_state(
@@ -690,8 +781,18 @@ def person_state(
     person's rows of `build_state(events, as_of, catalogue=cat)`.
     """
     t0 = _as_utc(as_of)
-    hist = history if history is not None else History.of_person(user_id, [], [], [], [])
-    return RecState.assemble(cat, user_side(hist, cat, t0), t0)
+    if history is None or len(history) == 0:  # nobody: the same empty rows at any time
+        return RecState.assemble(cat, _no_person(cat), t0)
+    return RecState.assemble(cat, user_side(history, cat, t0), t0)
+
+
+def _no_person(cat: Catalogue) -> UserSide:
+    """The persons' side without any person (built once per catalogue, shared read-only)."""
+    hit = cat.derived.get("no_person")
+    if hit is None:
+        hit = cat.derived["no_person"] = user_side(History.of_person("", [], [], [], []), cat, cat.as_of)
+    side: UserSide = hit
+    return side
 
 
 def build_catalogue(
@@ -776,16 +877,6 @@ def build_state(
     return RecState.assemble(cat, people, t0)
 
 
-def _row_share(m: sp.csr_matrix) -> sp.csr_matrix:
-    """Each row divided by its sum (float64 per row, then float32): row-local like the rest."""
-    rows = np.repeat(np.arange(m.shape[0]), np.diff(m.indptr))
-    total = np.bincount(rows, weights=m.data, minlength=m.shape[0])
-    total[total == 0] = 1.0
-    return sp.csr_matrix(
-        ((m.data / total[rows]).astype(np.float32), m.indices, m.indptr), shape=m.shape, copy=False
-    )
-
-
 def _item_stats(
     p: pd.DataFrame, v: pd.DataFrame, items_df: pd.DataFrame, style: np.ndarray, listed: np.ndarray, n_i: int
 ) -> dict[str, np.ndarray]:
@@ -855,7 +946,7 @@ def _per_user_median(u: np.ndarray, x: np.ndarray, n_u: int) -> np.ndarray:
     us, xs = u[order], x[order]
     counts = np.bincount(us, minlength=n_u)
     has = np.flatnonzero(counts)
-    starts = np.r_[0, np.cumsum(counts)[:-1]][has]
+    starts = (np.cumsum(counts) - counts)[has]
     c = counts[has]
     out[has] = (xs[starts + (c - 1) // 2] + xs[starts + c // 2]) / 2.0
     return out
@@ -903,7 +994,7 @@ def row_graph(m: sp.csr_matrix, r: int, graph: sp.csr_matrix) -> np.ndarray:
     total = int(lens.sum())
     if total == 0:
         return np.zeros(graph.shape[1])
-    offsets = np.repeat(starts - np.r_[0, np.cumsum(lens)[:-1]], lens) + np.arange(total)
+    offsets = np.repeat(starts - (np.cumsum(lens) - lens), lens) + np.arange(total)  # exclusive cumsum
     weights = graph.data[offsets] * np.repeat(ws, lens)
     return np.bincount(graph.indices[offsets], weights=weights, minlength=graph.shape[1])
 
@@ -913,7 +1004,7 @@ def row_entries(m: sp.csr_matrix, rows: np.ndarray) -> tuple[np.ndarray, np.ndar
     rows = np.asarray(rows, dtype=np.int64)
     starts, lens = m.indptr[rows], m.indptr[rows + 1] - m.indptr[rows]
     total = int(lens.sum())
-    offsets = np.repeat(starts - np.r_[0, np.cumsum(lens)[:-1]], lens) + np.arange(total)
+    offsets = np.repeat(starts - (np.cumsum(lens) - lens), lens) + np.arange(total)  # exclusive cumsum
     return np.repeat(np.arange(len(rows)), lens), m.indices[offsets].astype(np.int64)
 
 

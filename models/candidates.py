@@ -146,10 +146,12 @@ def _take_top(
     scores: np.ndarray, taken: np.ndarray, quota: np.ndarray | int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Best positive-scored, not yet taken items per row, at most `quota` (scalar or per row)."""
+    if scores.shape[0] == 1:
+        return _take_top_one(scores[0], taken[0], int(np.asarray(quota).reshape(-1)[0]))
     s = np.where(taken, 0.0, scores)
     q = np.broadcast_to(np.asarray(quota), (s.shape[0],))
     qmax = int(q.max()) if len(q) else 0
-    if qmax <= 0:
+    if qmax <= 0 or not (s > 0).any():  # nothing to take: skip the partition
         return np.empty(0, np.int64), np.empty(0, np.int64)
     qmax = min(qmax, s.shape[1])
     part = (
@@ -157,13 +159,30 @@ def _take_top(
         if qmax < s.shape[1]
         else np.tile(np.arange(s.shape[1]), (s.shape[0], 1))
     )
-    vals = np.take_along_axis(s, part, axis=1)
+    at = np.arange(s.shape[0])[:, None]  # row of every entry (plain indexing: take_along_axis)
+    vals = s[at, part]
     order = np.argsort(-vals, axis=1, kind="stable")
-    part = np.take_along_axis(part, order, axis=1)
-    vals = np.take_along_axis(vals, order, axis=1)
+    part = part[at, order]
+    vals = vals[at, order]
     keep = (vals > 0) & (np.arange(qmax)[None, :] < q[:, None])
     r, j = np.nonzero(keep)
     return r, part[r, j]
+
+
+def _take_top_one(scores: np.ndarray, taken: np.ndarray, quota: int) -> tuple[np.ndarray, np.ndarray]:
+    """`_take_top` of one request (every served request): the same partition and sort of the
+    same row, without the per-row bookkeeping of a block."""
+    s = np.where(taken, 0.0, scores)
+    pos = s > 0
+    if quota <= 0 or not pos.any():
+        return np.empty(0, np.int64), np.empty(0, np.int64)
+    q = min(quota, len(s))
+    part = np.argpartition(-s, q - 1)[:q] if q < len(s) else np.arange(len(s))
+    vals = s[part]
+    order = np.argsort(-vals, kind="stable")
+    part, vals = part[order], vals[order]
+    items = part[vals > 0]
+    return np.zeros(len(items), np.int64), items
 
 
 def generate(

@@ -9,7 +9,9 @@ item, and `training_set` labels the same candidates with what people bought next
 Business rules: never a person's own pictures, never removed / unavailable / flagged items,
 never items already bought when the catalogue forbids repeats (AIpicMarket sells one-off
 digital goods), at most `max_per_creator` per creator in the top k, and 1 <= k <= MAX_K.
-Exclusion rules use purchases only to filter, never to profile, so they apply in both tiers.
+A served request of the limited tier reads nothing of the person's history, so it does not
+filter their past purchases (no personal data without consent: the client may pass them in
+`exclude_item_ids`); the person's own pictures (catalogue data, not history) stay filtered.
 """
 
 from __future__ import annotations
@@ -102,21 +104,41 @@ def exclusion_matrix(
     user_ids: Sequence[str | None],
     rules: BusinessRules,
     extra: Sequence[frozenset[str]] | None = None,
+    *,
+    purchases: bool = True,
 ) -> sp.csr_matrix:
     """Requests × items, nonzero = never show: own pictures, already bought (no repeats), blocked.
 
     Built from (request, item) pairs gathered straight from the CSR arrays: one request costs
-    microseconds, a batch of thousands one vectorised pass.
+    microseconds, a batch of thousands one vectorised pass. `purchases=False` leaves out the
+    rule that reads the persons' purchases (the limited tier uses no personal history).
     """
+    r, c = _exclusion_pairs(state, user_ids, rules, extra, purchases)
+    return sp.csr_matrix((np.ones(len(r), dtype=np.float32), (r, c)), shape=(len(user_ids), state.n_items))
+
+
+def _exclusion_pairs(
+    state: RecState,
+    user_ids: Sequence[str | None],
+    rules: BusinessRules,
+    extra: Sequence[frozenset[str]] | None,
+    purchases: bool,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(request, item column) of every item a request must never show (see `exclusion_matrix`)."""
     n = len(user_ids)
-    rows = state.users.get_indexer(pd.Index([u if u is not None else "\0" for u in user_ids]))
     pairs_r: list[np.ndarray] = []
     pairs_c: list[np.ndarray] = []
-    known = np.flatnonzero(rows >= 0)
-    if not rules.allow_repeats and len(known):
-        pos, cols = row_entries(state.bought, rows[known])
-        pairs_r.append(known[pos])
-        pairs_c.append(cols)
+    if purchases and not rules.allow_repeats:
+        rows = (
+            np.array([state.user_row(user_ids[0])])
+            if n == 1
+            else state.users.get_indexer(pd.Index([u if u is not None else "\0" for u in user_ids]))
+        )
+        known = np.flatnonzero(rows >= 0)
+        if len(known):
+            pos, cols = row_entries(state.bought, rows[known])
+            pairs_r.append(known[pos])
+            pairs_c.append(cols)
     if state.creator_owner:
         for req, uid in enumerate(user_ids):
             codes = state.creator_owner.get(uid) if uid is not None else None
@@ -125,19 +147,19 @@ def exclusion_matrix(
                 pairs_r.append(np.full(len(cols), req))
                 pairs_c.append(cols)
     if rules.blocked_items:
-        cols = state.items.get_indexer(pd.Index(sorted(rules.blocked_items)))
+        cols = state.item_cols(sorted(rules.blocked_items))
         cols = cols[cols >= 0]
         pairs_r.append(np.repeat(np.arange(n), len(cols)))
         pairs_c.append(np.tile(cols, n))
     for req, items in enumerate(extra or []):
         if items:
-            cols = state.items.get_indexer(pd.Index(sorted(items)))
+            cols = state.item_cols(sorted(items))
             cols = cols[cols >= 0]
             pairs_r.append(np.full(len(cols), req))
             pairs_c.append(cols)
     r = np.concatenate(pairs_r) if pairs_r else np.empty(0, np.int64)
     c = np.concatenate(pairs_c) if pairs_c else np.empty(0, np.int64)
-    return sp.csr_matrix((np.ones(len(r), dtype=np.float32), (r, c)), shape=(n, state.n_items))
+    return r, c
 
 
 def score_requests(
@@ -147,7 +169,7 @@ def score_requests(
     *,
     tier: Tier,
     context: np.ndarray | None = None,
-    exclude: sp.csr_matrix | None = None,
+    exclude: sp.csr_matrix | np.ndarray | None = None,
     config: CandidateConfig | None = None,
 ) -> Scored:
     """The shared path: candidates, then the tier's features, then (if a ranker) scores."""
@@ -170,6 +192,7 @@ class Ranked:
     ranks: np.ndarray
     scores: np.ndarray
     sources: np.ndarray
+    rows: np.ndarray  # position of each item in the scored candidates (its row of the features)
 
 
 def _position_in_run(*keys: np.ndarray) -> np.ndarray:
@@ -191,19 +214,20 @@ def top_k(state: RecState, scored: Scored, k: int, max_per_creator: int | None) 
     if scored.scores is None:
         raise RecommendError("top_k needs scored candidates (a ranker)")
     ok = state.item_active[c.items]
+    at = np.flatnonzero(ok)
     req, item, score, src = c.rows[ok], c.items[ok], scored.scores[ok], c.sources[ok]
     order = np.lexsort((-score, req))
-    req, item, score, src = req[order], item[order], score[order], src[order]
+    req, item, score, src, at = req[order], item[order], score[order], src[order], at[order]
     if max_per_creator is not None:
         creator = state.item_creator[item]
         by_creator = np.lexsort((np.arange(len(req)), creator, req))  # keeps score order inside
         within = np.empty(len(req), np.int64)
         within[by_creator] = _position_in_run(req[by_creator], creator[by_creator])
         keep = within < max_per_creator
-        req, item, score, src = req[keep], item[keep], score[keep], src[keep]
+        req, item, score, src, at = req[keep], item[keep], score[keep], src[keep], at[keep]
     rank = _position_in_run(req) + 1
     keep = rank <= k
-    return Ranked(req[keep], item[keep], rank[keep], score[keep], src[keep])
+    return Ranked(req[keep], item[keep], rank[keep], score[keep], src[keep], at[keep])
 
 
 def rank_batch(
@@ -224,7 +248,7 @@ def rank_batch(
     context = None
     if context_ids is not None:
         context = state.items.get_indexer(pd.Index([c if c is not None else "\0" for c in context_ids]))
-    exclude = exclusion_matrix(state, user_ids, rules)
+    exclude = exclusion_matrix(state, user_ids, rules, purchases=tier == "personalized")
     scored = score_requests(state, ranker, rows, tier=tier, context=context, exclude=exclude, config=config)
     if scored.scores is None:
         return pd.DataFrame(columns=["user_id", "item_id", "rank", "score", "source"])
@@ -265,7 +289,12 @@ def score_request(rec: Recommender, request: RecRequest) -> ScoredRequest:
     hidden = request.exclude_item_ids
     if request.context_item_id is not None:  # never recommend the item already on screen
         hidden = hidden | {request.context_item_id}
-    exclude = exclusion_matrix(state, [request.user_id], rec.rules, [hidden])
+    # the limited tier reads nothing of the person's history, not even to filter purchases
+    r, c = _exclusion_pairs(
+        state, [request.user_id], rec.rules, [hidden], purchases=request.tier == "personalized"
+    )
+    exclude = np.zeros((1, state.n_items), dtype=bool)  # one request: the dense row generate uses
+    exclude[r, c] = True
     scored = score_requests(
         state,
         ranker,
@@ -278,19 +307,33 @@ def score_request(rec: Recommender, request: RecRequest) -> ScoredRequest:
     return ScoredRequest(scored, row, ctx_col)
 
 
+@dataclass(frozen=True)
+class Served:
+    """One served request: its items with reasons, and the model input each was ranked on."""
+
+    items: list[Recommendation]
+    features: np.ndarray  # one row per item: its row of the scored feature matrix
+
+
 def recommend(rec: Recommender, request: RecRequest) -> list[Recommendation]:
     """Serve one request: at most k items, each with the reason it is shown."""
+    return serve(rec, request).items
+
+
+def serve(rec: Recommender, request: RecRequest) -> Served:
+    """`recommend`, keeping the exact model input of every returned item (for the decision log)."""
     one = score_request(rec, request)
     scored, row, ctx_col = one.scored, one.row, one.ctx_col
     if scored.scores is None:
-        return []
+        return Served([], scored.features[:0])
     state = rec.state
     best = top_k(state, scored, request.k, rec.rules.max_per_creator)
     reasons = explain(state, row, best.items, best.sources, ctx_col, rec.item_labels)
-    return [
+    items = [
         Recommendation(str(state.items[i]), float(s), SOURCES[src], reason)
         for i, s, src, reason in zip(best.items, best.scores, best.sources, reasons, strict=True)
     ]
+    return Served(items, scored.features[best.rows])
 
 
 def explain(
@@ -410,7 +453,7 @@ def training_set(
     if users is not None:
         rows = np.intersect1d(rows, state.users.get_indexer(pd.Index(list(users))))
     user_ids = [str(u) for u in state.users[rows]]
-    exclude = exclusion_matrix(state, user_ids, rules)
+    exclude = exclusion_matrix(state, user_ids, rules, purchases=tier == "personalized")  # as served
     future = future[future["u"].isin(rows)]
     if not rules.allow_repeats:  # relevance = items not bought before
         before = state.bought[future["u"].to_numpy(), future["i"].to_numpy()]

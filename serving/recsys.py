@@ -5,13 +5,17 @@ Where the inputs come from (see `features.rec_feast`):
 * the catalogue (items, ``item_*`` features, item-item graphs) is the artifact of the last
   ``aipic features build``, loaded when the app starts or its recommender models change;
 * the person's interactions are their row of the Feast view ``recommender_user_history``,
-  read from the online store at every request (appended to by POST /v1/events), and turned
+  read from the online store at every personalised request (appended to by POST /v1/events), and turned
   into their features as of the request time by `person_state`, the function the offline
   snapshot (`build_state`) runs for every person.
 
-For the decision log, the exact model input of every returned item is rebuilt with the same
-`pair_features` the ranker saw and re-scored with the logged bundle; its raw scores must equal
-the ranker's, which `recommend_logged` checks.
+A request of the limited tier reads nothing of the person: no history, their state is
+nobody's (built once per catalogue). A personalised request reads the history once and builds
+the person's state once (`request_state`), which the whole request then uses.
+
+For the decision log, the exact model input of every returned item (its row of the matrix the
+ranker scored) is re-scored with the logged bundle; its raw scores must equal the ranker's,
+which `recommend_logged` checks.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import threading
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -27,13 +32,15 @@ import numpy as np
 import pandas as pd
 
 from models.bundle import ModelBundle
-from models.recommend import Recommendation, Recommender, RecRequest, ScoredRequest, recommend, score_request
+from models.recommend import Recommendation, Recommender, RecRequest, ScoredRequest, score_request, serve
 
 if TYPE_CHECKING:
-    from features.rec_features import Catalogue, History, RecState
+    from features.rec_features import Catalogue, History, RecState, Tier
     from features.settings import Settings
 
 log = logging.getLogger("aipic.serving.recsys")
+
+CATALOGUE_CHECK_SECONDS = 1.0  # how often a request looks whether a feature build replaced the catalogue
 
 
 class RecommenderUnavailable(RuntimeError):
@@ -85,6 +92,7 @@ class RecommenderHolder:
         self._current: _Loaded | None = None
         self._lock = threading.Lock()
         self.last_error: str | None = None
+        self._checked: tuple[float, _Loaded, Catalogue] | None = None  # last look at the build's file
 
     @property
     def ready(self) -> bool:
@@ -137,21 +145,28 @@ class RecommenderHolder:
         return current
 
     def catalogue(self) -> Catalogue:
-        """The catalogue of the last feature build: a new build's file is picked up by the next
-        request (one stat per request; the file is read once per version)."""
+        """The catalogue of the last feature build: a new build's file is picked up within a
+        second (its file is looked at, one stat, at most once per second; read once per version)."""
         from features.rec_feast import load_catalogue
 
         current = self._loaded()
         if not current.from_build:
             return current.catalogue
+        checked = self._checked
+        now = time.monotonic()
+        if checked is not None and checked[1] is current and now - checked[0] < CATALOGUE_CHECK_SECONDS:
+            return checked[2]
         try:
-            return load_catalogue(self._offline_dir())
+            cat = load_catalogue(self._offline_dir())
         except Exception as exc:
             log.error("recommender catalogue unreadable, serving the loaded one: %s", type(exc).__name__)
-            return current.catalogue
+            cat = current.catalogue
+        self._checked = (now, current, cat)
+        return cat
 
     def person(self, user_id: str | None, now: dt.datetime | None = None) -> RecState:
-        """The state one request needs: the catalogue and the person's rows as of `now`."""
+        """The state one request needs: the catalogue and the person's rows as of `now`
+        (`user_id` None: nobody, and nothing is read)."""
         from features.rec_features import person_state
 
         cat = self.catalogue()
@@ -165,39 +180,60 @@ class RecommenderHolder:
             raise RecommenderUnavailable("the online store cannot be read: retry later") from None
         return person_state(cat, user_id, history, when)
 
-    def known_user(self, user_id: str, now: dt.datetime | None = None) -> bool:
-        """The person has interactions with catalogue items before `now` (something to personalise)."""
-        if self._current is None:
-            return False
-        return self.person(user_id, now).user_row(user_id) >= 0
+    def request_state(
+        self, user_id: str, tier: Tier, now: dt.datetime | None = None
+    ) -> tuple[Tier, RecState]:
+        """The tier a request is served in and its state, built once.
+
+        Personalised: the person's history is read and their rows built; a person without
+        interactions with catalogue items is served the limited tier instead. Limited: no
+        personal data at all, the person's history is not even read (the state of nobody).
+        """
+        self._loaded()
+        if tier == "personalized":
+            state = self.person(user_id, now)
+            if state.user_row(user_id) >= 0:
+                return tier, state
+        return "limited", self.person(None, now)
 
     def score_online(
         self, request: RecRequest, now: dt.datetime | None = None
     ) -> tuple[RecState, ScoredRequest]:
         """Every candidate of a request with its model input, as served (the parity test reads it)."""
         current = self._loaded()
-        state = self.person(request.user_id, now)
+        state = self._state_of(request, now)
         return state, score_request(replace(current.template, state=state), request)
 
-    def recommend_logged(self, request: RecRequest, now: dt.datetime | None = None) -> LoggedRecommendation:
-        """Serve one request and rebuild the exact input of every returned item for the log."""
-        from features.rec_features import pair_features
+    def _state_of(self, request: RecRequest, now: dt.datetime | None) -> RecState:
+        """The request's state for its tier as given (limited: nobody's, nothing read)."""
+        return self.person(request.user_id if request.tier == "personalized" else None, now)
+
+    def recommend_logged(
+        self, request: RecRequest, now: dt.datetime | None = None, *, state: RecState | None = None
+    ) -> LoggedRecommendation:
+        """Serve one request and keep the exact input of every returned item for the log.
+
+        `state`: the one `request_state` built for this request (else built here for its tier).
+        The logged vectors are the returned items' rows of the matrix the ranker scored; the
+        logged bundle must reproduce the served scores from them, bit for bit.
+        """
+        from features.rec_features import tier_feature_names
 
         current = self._loaded()
         bundle = current.bundles.get(request.tier)
         if bundle is None:
             raise RecommenderUnavailable(f"no ranker for tier {request.tier}")
-        state = self.person(request.user_id, now)
-        items = recommend(replace(current.template, state=state), request)
-        n = len(items)
-        row = state.user_row(request.user_id) if request.tier == "personalized" else -1
-        cols = state.items.get_indexer(pd.Index([it.item_id for it in items]))
-        ctx = state.item_col(request.context_item_id)
-        x = pair_features(state, np.full(n, row), cols, np.full(n, ctx), bundle.feature_names)
-        x64 = np.asarray(x, dtype=np.float64)
+        if list(bundle.feature_names) != tier_feature_names(request.tier):
+            log.error("recommender bundle %s does not take the %s tier's inputs", bundle.name, request.tier)
+            raise RecommenderUnavailable(f"the {request.tier} ranker does not take its tier's inputs")
+        if state is None:
+            state = self._state_of(request, now)
+        served = serve(replace(current.template, state=state), request)
+        items, n = served.items, len(served.items)
+        x64 = np.asarray(served.features, dtype=np.float64)
         raw = bundle.raw_score(x64) if n else np.empty(0)
-        served = np.array([it.score for it in items], dtype=np.float64)
-        if n and not np.array_equal(raw, served):
+        scores = np.array([it.score for it in items], dtype=np.float64)
+        if n and not np.array_equal(raw, scores):
             log.error("recommendation log vector does not reproduce the ranker's scores")
             raise RecommenderUnavailable("logged vector does not reproduce the served scores")
         return LoggedRecommendation(items, request.tier, bundle, list(bundle.feature_names), x64, raw)

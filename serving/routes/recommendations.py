@@ -52,19 +52,20 @@ def decide_recommendation(svc: Services, body: RecommendationIn) -> tuple[Recomm
 
     now = dt.datetime.now(dt.UTC)
     gate = decide(body.user_id, PURPOSE, now, svc.ledger, svc.profiles.profile(body.user_id), svc.registry)
-    tier = gate.tier or "limited"
+    allowed = gate.tier or "limited"
     snapshot = gate.to_log()
-    if tier == "personalized" and not svc.recommender.known_user(body.user_id):
-        tier = "limited"  # consent, but no history yet: nothing to personalise from
+    # the person's state is built once, and in the limited tier their history is not read at all
+    tier, state = svc.recommender.request_state(body.user_id, allowed, now)  # type: ignore[arg-type]
+    if allowed == "personalized" and tier != allowed:  # consent, but no history yet: nothing to personalise
         snapshot["reasons"] = [*snapshot["reasons"], {"code": "no_history", "message": "No history yet."}]
     request = RecRequest(
         user_id=body.user_id,
         k=body.k,
-        tier=tier,  # type: ignore[arg-type]
+        tier=tier,
         context_item_id=body.context.item_id,
         exclude_item_ids=frozenset(body.context.exclude_item_ids),
     )
-    logged = svc.recommender.recommend_logged(request)
+    logged = svc.recommender.recommend_logged(request, now, state=state)
     decision_id = new_id()
     bundle = logged.bundle
     items = [
