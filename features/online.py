@@ -33,6 +33,7 @@ import sqlite3
 import struct
 import threading
 from abc import ABC, abstractmethod
+from bisect import bisect_right
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -292,14 +293,13 @@ def compute_payment_vector(rec: PaymentRecord, snap: Snapshot) -> dict[str, floa
             continue
         counts, sums, maxes = [0] * nw, [0] * nw, [rec.cents] * nw
         for r in snap.logs.get(ent, ()):
-            age = t - r.ts
-            for b in range(nw):
-                if age < widths[b]:
-                    counts[b] += 1
-                    sums[b] += r.cents
-                    if r.cents > maxes[b]:
-                        maxes[b] = r.cents
-                    break
+            b = bisect_right(widths, t - r.ts)  # the narrowest window with age < width
+            if b < nw:
+                cents = r.cents
+                counts[b] += 1
+                sums[b] += cents
+                if cents > maxes[b]:
+                    maxes[b] = cents
         n, s, m = 1, rec.cents, rec.cents
         for b, (count_name, sum_name, mean_name, max_name) in enumerate(names):
             n += counts[b]

@@ -225,6 +225,13 @@ class DecisionWriter:
                 for _ in batch:
                     queue.task_done()
 
+    def insert(self, rows: list[dict[str, Any]], reviews: list[dict[str, Any]]) -> None:
+        """Commit rows (and reviews) now, in the calling thread: a caller that already holds a
+        batch (the scoring batches) logs it without another queue and thread hop."""
+        if rows or reviews:
+            self._insert(rows, reviews)
+            self.written += len(rows)
+
     def _insert(self, rows: list[dict[str, Any]], reviews: list[dict[str, Any]]) -> None:
         """One transaction; tried once more on a fresh connection if the pooled one was dead.
 

@@ -81,15 +81,14 @@ def _allowed_names(svc: Services, tier: str) -> set[str]:
 
 
 async def score_payment(svc: Services, payment: PaymentIn) -> ScoreOut:
-    """Decide (in a batch with the requests waiting alongside, see `serving.batching`), then log
-    (group commit) and answer.
+    """Decide and log (in a batch with the requests waiting alongside, see `serving.batching`),
+    then answer.
 
-    The decision's blocking round trips (consent ledger, online store) and its model call run in
-    a worker thread, shared by every request of the batch: one ledger query, one Redis pipeline
-    and one LightGBM call per model for the whole batch.
+    The decision's blocking round trips (consent ledger, online store), its model call and the
+    decision log's commit run in a worker thread, shared by every request of the batch: one
+    ledger query, one Redis pipeline, one LightGBM call per model and one transaction.
     """
-    out, row, review = await svc.scoring.submit(payment)
-    await svc.writer.write(row, review)
+    out, _row, _review = await svc.scoring.submit(payment)
     svc.metrics.decisions.labels(PURPOSE, out.outcome, out.tier).inc()
     if out.degraded:
         svc.metrics.degraded.labels("score").inc()
@@ -98,6 +97,19 @@ async def score_payment(svc: Services, payment: PaymentIn) -> ScoreOut:
 
 
 Decided = tuple[ScoreOut, dict[str, Any], dict[str, Any] | None]
+
+
+def decide_and_log_payments(svc: Services, payments: list[PaymentIn]) -> list[Decided | BaseException]:
+    """`decide_payments`, then every decision of the batch committed to the log in one
+    transaction before any answer leaves. If the commit fails, no payment of the batch is
+    answered (each request gets the error): an answer is never given for an unlogged decision."""
+    results = decide_payments(svc, payments)
+    done = [r for r in results if not isinstance(r, BaseException)]
+    try:
+        svc.writer.insert([r[1] for r in done], [r[2] for r in done if r[2] is not None])
+    except Exception as exc:
+        return [exc if not isinstance(r, BaseException) else r for r in results]
+    return results
 
 
 def decide_payment(svc: Services, payment: PaymentIn) -> Decided:

@@ -123,10 +123,10 @@ class Services:
     _decide_pool: ThreadPoolExecutor | None = None
 
     def __post_init__(self) -> None:
-        from serving.scoring import decide_payments
+        from serving.scoring import decide_and_log_payments
 
         self.scoring = MicroBatcher(
-            functools.partial(decide_payments, self),
+            functools.partial(decide_and_log_payments, self),
             workers=self.settings.score_batch_workers,
             max_batch=self.settings.score_max_batch,
             name="aipic-score",
@@ -276,7 +276,7 @@ class Services:
             self._poller.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._poller
-        await self.scoring.close()  # decisions in flight finish first (their rows get queued)
+        await self.scoring.close()  # decisions in flight finish (and are logged) first
         if self._decide_pool is not None:
             pool, self._decide_pool = self._decide_pool, None
             await asyncio.get_running_loop().run_in_executor(None, pool.shutdown, True)
