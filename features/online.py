@@ -807,6 +807,8 @@ class RedisEventState(EventState):
         self.project = project
         self.prefix = f"aipic:{project}:"
         self._shas: dict[str, str] = {}
+        self._local = threading.local()  # each thread's own connection (see `_send`)
+        self._conns: list[Any] = []  # every one made, to close them all
         self._log = {kind: f"{self.prefix}log:{kind}:" for kind in LOG_ENTITIES}
         self._disp = {kind: f"{self.prefix}disp:{kind}:" for kind in ("user", "card", "creator")}
         self._dispute_windows = [str(len(CREATOR_DISPUTE_WINDOWS))]
@@ -891,30 +893,13 @@ class RedisEventState(EventState):
         self, items: Sequence[tuple[PaymentRecord, Sequence[ProfileQuery], StateBatch]]
     ) -> list[Snapshot]:
         """One `_SCORE_LUA` call per payment (atomic: its snapshot, then its writes), all sent in
-        one pipeline: Redis runs them in order, so a later payment sees the earlier ones."""
-        from redis.exceptions import NoScriptError
-
+        one round trip: Redis runs them in order, so a later payment sees the earlier ones."""
         calls = []
         for rec, profiles, batch in items:
             keys, args = self._snapshot_call(rec, profiles)
             wkeys, wargs = self._write_ops(batch)
             calls.append(([*keys, *wkeys], [len(keys), len(args), *args, *wargs]))
-        if len(calls) == 1:
-            replies = [self._eval(_SCORE_LUA, *calls[0])]
-        else:
-            sha = self._shas.get(_SCORE_LUA) or self._load(_SCORE_LUA)
-            for attempt in (1, 2):
-                pipe = self.client.pipeline(transaction=False)
-                for keys, args in calls:
-                    pipe.evalsha(sha, len(keys), *keys, *args)
-                replies = pipe.execute(raise_on_error=False)
-                if attempt == 1 and any(isinstance(r, NoScriptError) for r in replies):
-                    sha = self._load(_SCORE_LUA)  # none ran: the script cache was lost as a whole
-                    continue
-                break
-            for r in replies:
-                if isinstance(r, Exception):
-                    raise r
+        replies = self._eval_many(_SCORE_LUA, calls)
         return [
             self._parse_snapshot(rec, profiles, reply)
             for (rec, profiles, _), reply in zip(items, replies, strict=True)
@@ -925,17 +910,69 @@ class RedisEventState(EventState):
         return sha
 
     def _eval(self, script: str, keys: Sequence[str | bytes], args: Sequence[str | bytes | int]) -> Any:
-        """EVALSHA of a script loaded once; loaded again if the server lost its script cache
-        (restart, SCRIPT FLUSH)."""
+        return self._eval_many(script, [(keys, args)])[0]
+
+    def _eval_many(
+        self, script: str, calls: Sequence[tuple[Sequence[str | bytes], Sequence[str | bytes | int]]]
+    ) -> list[Any]:
+        """EVALSHA of a script (loaded once) for each call, all in one round trip, replies in order.
+
+        Loaded again if the server lost its script cache (restart, SCRIPT FLUSH): then none of
+        the calls ran. Any other error reply is raised.
+        """
         from redis.exceptions import NoScriptError
 
-        sha = self._shas.get(script)
-        if sha is not None:
+        sha = self._shas.get(script) or self._load(script)
+        replies = self._send([("EVALSHA", sha, len(keys), *keys, *args) for keys, args in calls])
+        if any(isinstance(r, NoScriptError) for r in replies):
+            sha = self._load(script)
+            replies = self._send([("EVALSHA", sha, len(keys), *keys, *args) for keys, args in calls])
+        for r in replies:
+            if isinstance(r, Exception):
+                raise r
+        return replies
+
+    def _send(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """Commands on this thread's own connection, in one write; their replies (error replies as
+        exception objects).
+
+        The hot path skips the client's pool and retry layers (measured: ~0.07 ms of a ~0.2 ms
+        call); the connection carries the client's settings (socket timeouts). A dropped
+        connection is replaced and the commands sent once more: the scripts are idempotent (their
+        writes are ZADD/HSET of the same values, their reads exclude the payment's own time).
+        """
+        from redis.exceptions import ConnectionError as RedisConnectionError
+        from redis.exceptions import ResponseError
+        from redis.exceptions import TimeoutError as RedisTimeoutError
+
+        for attempt in (1, 2):
+            conn = getattr(self._local, "conn", None)
+            if conn is None:
+                conn = self._local.conn = self.client.connection_pool.make_connection()
+                self._conns.append(conn)
             try:
-                return self.client.evalsha(sha, len(keys), *keys, *args)
-            except NoScriptError:
-                pass
-        return self.client.evalsha(self._load(script), len(keys), *keys, *args)
+                conn.send_packed_command(conn.pack_commands(commands))
+                replies: list[Any] = []
+                for _ in commands:
+                    try:
+                        replies.append(conn.read_response())
+                    except ResponseError as exc:  # an error reply: the connection is still in step
+                        replies.append(exc)
+                return replies
+            except (RedisConnectionError, RedisTimeoutError, OSError):
+                self._drop(conn)
+                if attempt == 2:
+                    raise
+            except BaseException:
+                self._drop(conn)  # out of step with the server: never reuse it
+                raise
+        raise AssertionError("unreachable")
+
+    def _drop(self, conn: Any) -> None:
+        conn.disconnect()
+        self._local.conn = None
+        with contextlib.suppress(ValueError):
+            self._conns.remove(conn)
 
     def _snapshot_call(
         self, rec: PaymentRecord, profiles: Sequence[ProfileQuery]
@@ -1086,6 +1123,10 @@ class RedisEventState(EventState):
             self.client.delete(*batch)
 
     def close(self) -> None:
+        for conn in list(self._conns):
+            conn.disconnect()
+        self._conns.clear()
+        self._local = threading.local()
         self.client.close()
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import gc
 import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -21,6 +20,7 @@ import anyio
 from sqlalchemy import Engine, text
 
 from features.definitions import FeatureDef
+from features.heap import settle_heap
 from features.privacy.ledger import ConsentLedger
 from features.privacy.registry import Registry, build_registry
 from features.settings import Settings
@@ -81,20 +81,6 @@ def default_feature_source(settings: Settings) -> FeatureSource:
     from serving.feature_source import PipelineFeatureSource
 
     return PipelineFeatureSource(settings)
-
-
-def settle_heap() -> None:
-    """Keep the long-lived heap out of full garbage collections (`gc.freeze`).
-
-    Models, the recommender catalogue, Feast and the libraries leave ~450k objects that live as
-    long as the process. A full collection walked them all, every few seconds under load, and
-    stalled every request for 150-300 ms (measured: that was the scoring p99). Frozen, a full
-    collection walks only what requests leave behind (~30k objects, ~12 ms). Unfreezing and
-    collecting first means the garbage of replaced models is freed, never frozen.
-    """
-    gc.unfreeze()
-    gc.collect()
-    gc.freeze()
 
 
 @dataclass
