@@ -35,13 +35,21 @@ class MicroBatcher(Generic[In, Out]):
     """Run ``func`` on batches of submitted items in ``workers`` threads (each takes one batch
     at a time); `submit` returns the item's own result."""
 
-    def __init__(self, func: BatchFunc[In, Out], workers: int, max_batch: int, name: str) -> None:
+    def __init__(
+        self,
+        func: BatchFunc[In, Out],
+        workers: int,
+        max_batch: int,
+        name: str,
+        on_batch: Callable[[int], object] | None = None,
+    ) -> None:
         if workers < 1 or max_batch < 1:
             raise ValueError("workers and max_batch must be at least 1")
         self.func = func
         self.workers = workers
         self.max_batch = max_batch
         self.name = name
+        self.on_batch = on_batch  # told each batch's size (a metric)
         self.batches = 0  # how many batches ran, and how many items they held (mean batch size)
         self.items = 0
         self._queue: asyncio.Queue[_Waiting[In, Out]] | None = None
@@ -77,6 +85,8 @@ class MicroBatcher(Generic[In, Out]):
             batch = [await queue.get()]
             while len(batch) < self.max_batch and not queue.empty():
                 batch.append(queue.get_nowait())
+            if self.on_batch is not None:
+                self.on_batch(len(batch))
             try:
                 assert self._pool is not None
                 results = await loop.run_in_executor(self._pool, self.func, [w.item for w in batch])

@@ -83,6 +83,12 @@ class Metrics:
         self.online_store_up = LocalGauge(
             "aipic_online_store_up", "1 if the last online-store call succeeded.", registry=self.registry
         )
+        self.score_batch = LocalHistogram(
+            "aipic_score_batch_size",
+            "Scoring requests decided together (one ledger query, one Redis round trip, one transaction).",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+            registry=self.registry,
+        )
         self._model_labels: set[tuple[str, str]] = set()
         self.rate_limited = LocalCounter(
             "aipic_rate_limited_total", "Requests refused by the rate limit.", registry=self.registry

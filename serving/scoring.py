@@ -1,4 +1,4 @@
-"""Scoring one payment: gate -> features -> model -> outcome -> reasons -> log.
+"""Scoring payments: gate -> features -> model -> outcome -> reasons -> log, for a batch of requests.
 
 The gate (`features.privacy.gate.decide`, read fresh from the ledger) picks the richest fraud
 tier the person allows or sends the decision to a human (minor, restriction, objection). The
@@ -110,14 +110,6 @@ def decide_and_log_payments(svc: Services, payments: list[PaymentIn]) -> list[De
     except Exception as exc:
         return [exc if not isinstance(r, BaseException) else r for r in results]
     return results
-
-
-def decide_payment(svc: Services, payment: PaymentIn) -> Decided:
-    """One payment's decision (a batch of one)."""
-    result = decide_payments(svc, [payment])[0]
-    if isinstance(result, BaseException):
-        raise result
-    return result
 
 
 @dataclass

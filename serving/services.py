@@ -116,6 +116,7 @@ class Services:
             workers=self.settings.score_batch_workers,
             max_batch=self.settings.score_max_batch,
             name="aipic-score",
+            on_batch=self.metrics.score_batch.observe,
         )
 
     @classmethod

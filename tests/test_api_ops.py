@@ -36,6 +36,7 @@ def test_health_ready_and_metrics(api: Api) -> None:
     )
     assert "aipic_decisions_total{" in text and 'purpose="fraud_detection"' in text
     assert 'aipic_model_version{model="fraud-full"' in text
+    assert 'aipic_score_batch_size_bucket{le="1.0"} 1.0' in text  # one request: a batch of one
 
 
 def test_not_ready_until_every_model_is_loaded(api_factory: Callable[..., Any]) -> None:

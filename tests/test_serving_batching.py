@@ -108,3 +108,17 @@ def test_a_wrong_number_of_results_is_an_error_not_a_silent_mismatch() -> None:
 def test_bad_settings_are_refused() -> None:
     with pytest.raises(ValueError, match="at least 1"):
         MicroBatcher(lambda items: items, workers=0, max_batch=4, name="t")
+
+
+def test_each_batch_size_is_reported() -> None:
+    sizes: list[int] = []
+
+    async def main() -> None:
+        b: MicroBatcher[int, int] = MicroBatcher(
+            lambda items: items, workers=1, max_batch=4, name="t", on_batch=sizes.append
+        )
+        await asyncio.gather(*(b.submit(i) for i in range(6)))
+        await b.close()
+
+    _run(main())
+    assert sum(sizes) == 6 and max(sizes) <= 4
