@@ -131,8 +131,8 @@ class Settings(BaseSettings):
         default=8,
         ge=1,
         le=64,
-        description="Worker threads computing decisions (gate, features, model) at once; more only "
-        "contend for the GIL. Also sizes the database connection pool.",
+        description="Worker threads computing recommendation decisions at once (each a batch of up to 8 "
+        "waiting requests); more only contend for the GIL. Also sizes the database connection pool.",
     )
     score_batch_workers: int = Field(
         default=2,

@@ -12,9 +12,8 @@ import contextlib
 import functools
 import logging
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import anyio
 from sqlalchemy import Engine, text
@@ -35,11 +34,11 @@ from serving.ratelimit import RateLimiter
 from serving.recsys import RecommenderHolder
 
 if TYPE_CHECKING:
-    from serving.schemas import PaymentIn
+    from serving.routes.recommendations import Recommended
+    from serving.schemas import PaymentIn, RecommendationIn
     from serving.scoring import Decided
 
 log = logging.getLogger("aipic.serving")
-T = TypeVar("T")
 
 
 def feature_definitions() -> dict[str, FeatureDef]:
@@ -69,7 +68,8 @@ def serving_engine(settings: Settings) -> Engine:
     return create_engine(
         url,
         json_serializer=json_dumps,
-        pool_size=settings.decision_threads + 4,  # + the decision writer and the rare admin reads
+        # every decision thread at once, the decision writer and the rare admin reads
+        pool_size=settings.decision_threads + settings.score_batch_workers + 4,
         max_overflow=16,
         pool_pre_ping=False,
         pool_use_lifo=True,
@@ -99,6 +99,7 @@ class Services:
     profiles: ProfileStore
     recommender: RecommenderHolder
     scoring: MicroBatcher[PaymentIn, Decided] = field(init=False)
+    recommending: MicroBatcher[RecommendationIn, Recommended] = field(init=False)
     online: OnlineGateway | None = None
     feature_defs: dict[str, FeatureDef] = field(default_factory=dict)
     ready: bool = False
@@ -106,7 +107,6 @@ class Services:
     startup_error: str | None = None
     _source_factory: Callable[[Settings], FeatureSource] | None = None
     _poller: asyncio.Task[None] | None = None
-    _decide_pool: ThreadPoolExecutor | None = None
 
     def __post_init__(self) -> None:
         from serving.scoring import decide_and_log_payments
@@ -117,6 +117,16 @@ class Services:
             max_batch=self.settings.score_max_batch,
             name="aipic-score",
             on_batch=self.metrics.score_batch.observe,
+        )
+        from serving.routes.recommendations import decide_and_log_recommendations
+
+        # ranking is CPU, so batches stay small and run in several threads (the ledger's round trip
+        # overlaps another request's ranking); each batch commits its rows in one transaction
+        self.recommending = MicroBatcher(
+            functools.partial(decide_and_log_recommendations, self),
+            workers=self.settings.decision_threads,
+            max_batch=8,
+            name="aipic-recommend",
         )
 
     @classmethod
@@ -145,17 +155,6 @@ class Services:
             recommender=RecommenderHolder(settings.events_dir, settings),
             _source_factory=feature_source or default_feature_source,
         )
-
-    async def run_decision(self, func: Callable[..., T], *args: Any) -> T:
-        """Run one whole decision (blocking stores + CPU) in one worker-thread hop.
-
-        ``decision_threads`` threads of a plain executor: more threads only take turns on the GIL,
-        and the executor's hand-off costs about half of `anyio.to_thread`'s (measured 65 vs 113 us
-        of CPU per hop). The event loop itself never waits on a store.
-        """
-        if self._decide_pool is None:
-            self._decide_pool = ThreadPoolExecutor(self.settings.decision_threads, "aipic-decide")
-        return await asyncio.get_running_loop().run_in_executor(self._decide_pool, func, *args)
 
     # lifecycle ----------------------------------------------------------------------------------
     def load_blocking(self) -> None:
@@ -264,9 +263,7 @@ class Services:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._poller
         await self.scoring.close()  # decisions in flight finish (and are logged) first
-        if self._decide_pool is not None:
-            pool, self._decide_pool = self._decide_pool, None
-            await asyncio.get_running_loop().run_in_executor(None, pool.shutdown, True)
+        await self.recommending.close()
         await self.writer.close()  # then every queued decision row is committed
         close = getattr(self.online.source if self.online else None, "close", None)
         if close is not None:

@@ -35,15 +35,36 @@ async def recommendations(
 ) -> RecommendationOut:
     from models.recommend import RecommendError
 
-    try:  # gate (ledger round trips) and ranking (CPU) off the event loop
-        out, row = await svc.run_decision(decide_recommendation, svc, body)
+    try:  # gate, ranking and the log's commit off the event loop, with the requests waiting alongside
+        out, _row = await svc.recommending.submit(body)
     except RecommenderUnavailable as exc:
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, detail=str(exc)) from None
     except RecommendError as exc:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=str(exc)) from None
-    await svc.writer.write(row)
     svc.metrics.decisions.labels(PURPOSE, "recommended", out.tier).inc()
     return out
+
+
+Recommended = tuple[RecommendationOut, dict[str, Any]]
+
+
+def decide_and_log_recommendations(
+    svc: Services, bodies: list[RecommendationIn]
+) -> list[Recommended | BaseException]:
+    """Each request's recommendation (or the error it raised), then every row of the batch committed
+    in one transaction before any answer leaves; if the commit fails, no request is answered."""
+    results: list[Recommended | BaseException] = []
+    for body in bodies:
+        try:
+            results.append(decide_recommendation(svc, body))
+        except Exception as exc:
+            results.append(exc)
+    done = [r for r in results if not isinstance(r, BaseException)]
+    try:
+        svc.writer.insert([row for _, row in done], [])
+    except Exception as exc:
+        return [exc if not isinstance(r, BaseException) else r for r in results]
+    return results
 
 
 def decide_recommendation(svc: Services, body: RecommendationIn) -> tuple[RecommendationOut, dict[str, Any]]:
