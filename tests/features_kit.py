@@ -132,6 +132,19 @@ REDIS_URL = "redis://127.0.0.1:6379/0"
 ONLINE_BACKENDS = ("sqlite", "redis")
 
 
+def require_redis() -> None:
+    """The real Redis answers; if not, fail in CI (``CI=true``) and skip elsewhere."""
+    import pytest
+    import redis
+
+    try:
+        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2).ping()
+    except redis.exceptions.ConnectionError as exc:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"Redis not reachable in CI: {exc}")
+        pytest.skip(f"Redis not reachable: {exc}")
+
+
 @contextlib.contextmanager
 def online_backend(backend: str, monkeypatch: Any) -> Iterator[Any]:
     """A fresh `OnlineFeatures` on SQLite (the test's var dir) or on the real Redis.
@@ -141,20 +154,12 @@ def online_backend(backend: str, monkeypatch: Any) -> Iterator[Any]:
     """
     import uuid
 
-    import pytest
-    import redis
-
     from features.online import OnlineFeatures
     from features.settings import get_settings
     from features.store import apply_repo, open_feature_store, teardown_project
 
     if backend == "redis":
-        try:
-            redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2).ping()
-        except redis.exceptions.ConnectionError as exc:
-            if os.environ.get("CI", "").lower() == "true":
-                pytest.fail(f"Redis not reachable in CI: {exc}")
-            pytest.skip(f"Redis not reachable: {exc}")
+        require_redis()
         monkeypatch.setenv("AIPIC_ONLINE_STORE", "redis")
         monkeypatch.setenv("AIPIC_REDIS_URL", REDIS_URL)
         monkeypatch.setenv("AIPIC_FEAST_PROJECT", f"t_{uuid.uuid4().hex[:12]}")

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
-from features_kit import REDIS_URL
+from features_kit import REDIS_URL, require_redis
 
 from features.bench import bench_online
 from features.settings import Settings
@@ -23,14 +22,7 @@ def events(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.parametrize("backend", ["sqlite", pytest.param("redis", marks=pytest.mark.realserver)])
 def test_online_bench_times_reads_score_calls_and_updates(events: Path, backend: str, tmp_path: Path) -> None:
     if backend == "redis":
-        import redis
-
-        try:
-            redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2).ping()
-        except redis.exceptions.ConnectionError as exc:
-            if os.environ.get("CI", "").lower() == "true":
-                pytest.fail(f"Redis not reachable in CI: {exc}")
-            pytest.skip(f"Redis not reachable: {exc}")
+        require_redis()
     base = Settings(var_dir=tmp_path / "var", redis_url=REDIS_URL)
     r = bench_online(events, backend, 40, base)
     assert r["backend"] == backend
