@@ -370,11 +370,11 @@ class UserSide:
 
 
 @dataclass
-class RecState:
-    """Everything the recommender knows as of `as_of` (events strictly before it)."""
+class RecState(UserSide):
+    """Everything the recommender knows as of `as_of` (events strictly before it): the persons'
+    side (`UserSide`, its fields inherited) and the catalogue's fields."""
 
     as_of: pd.Timestamp
-    users: pd.Index
     items: pd.Index
     item_creator: np.ndarray  # int codes into `creators`
     creators: pd.Index
@@ -383,18 +383,6 @@ class RecState:
     item_active: np.ndarray  # bool: listed and active
     item_created_days: np.ndarray  # days before as_of the item was listed
     item_stats: dict[str, np.ndarray]  # item_* feature columns, one value per item
-    user_stats: dict[str, np.ndarray]  # user_* feature columns, one value per user
-    buys: sp.csr_matrix  # users × items purchase events
-    bought: sp.csr_matrix  # binary version of `buys`
-    qty: sp.csr_matrix
-    buys_decay: sp.csr_matrix
-    last_buy: sp.csr_matrix  # 1 + days since last purchase (0 = never)
-    first_buy: sp.csr_matrix
-    views: sp.csr_matrix
-    views_decay: sp.csr_matrix
-    liked: sp.csr_matrix
-    style_aff: sp.csr_matrix  # users × styles, decayed activity share
-    creator_aff: sp.csr_matrix  # users × creators
     copurchase: sp.csr_matrix  # items × items cosine, top neighbours per row
     coview: sp.csr_matrix
     ease: sp.csr_matrix  # items × items EASE weights (positive, top neighbours per row)
