@@ -85,8 +85,9 @@ class Proxy:
         self.loop.call_soon_threadsafe(self.loop.stop)
 
 
-@pytest.fixture
-def redis_api(world: World, tmp_path: Path) -> Iterator[tuple[Api, Proxy]]:
+@contextlib.contextmanager
+def proxied_redis_api(world: World, var: Path, **settings: object) -> Iterator[tuple[Api, Proxy]]:
+    """An API on a Redis online store reached through a `Proxy` (its own Feast project, removed after)."""
     _require("127.0.0.1", 6379, "Redis")
     import redis
     from api_support import _online_stores, open_api
@@ -98,12 +99,11 @@ def redis_api(world: World, tmp_path: Path) -> Iterator[tuple[Api, Proxy]]:
         "online_store": "redis",
         "redis_url": f"redis://127.0.0.1:{proxy.port}/0",
         "feast_project": project,
-        "online_retry_seconds": 0.5,
+        **settings,
     }
-    settings = world.settings(tmp_path / "var", **overrides)
-    _online_stores(world.events_dir, settings)
+    _online_stores(world.events_dir, world.settings(var, **overrides))
     try:
-        with open_api(world, tmp_path / "var", **overrides) as api:
+        with open_api(world, var, **overrides) as api:
             yield api, proxy
     finally:
         proxy.close()
@@ -111,6 +111,12 @@ def redis_api(world: World, tmp_path: Path) -> Iterator[tuple[Api, Proxy]]:
         keys = list(client.scan_iter(match=f"*{project}*", count=1000))
         if keys:
             client.delete(*keys)
+
+
+@pytest.fixture
+def redis_api(world: World, tmp_path: Path) -> Iterator[tuple[Api, Proxy]]:
+    with proxied_redis_api(world, tmp_path / "var", online_retry_seconds=0.5) as pair:
+        yield pair
 
 
 def test_redis_outage_degrades_within_budget_and_recovers(redis_api: tuple[Api, Proxy]) -> None:
@@ -140,52 +146,34 @@ def test_redis_outage_degrades_within_budget_and_recovers(redis_api: tuple[Api, 
 
 def test_hung_redis_degrades_after_the_socket_timeout(world: World, tmp_path: Path) -> None:
     """Redis accepts connections but never answers: without a socket timeout scoring would hang."""
-    _require("127.0.0.1", 6379, "Redis")
-    import redis
-    from api_support import _online_stores, open_api
-
-    proxy = Proxy(("127.0.0.1", 6379))
-    proxy.start()
-    project = f"t_{secrets.token_hex(4)}"
     overrides = {
-        "online_store": "redis",
-        "redis_url": f"redis://127.0.0.1:{proxy.port}/0",
-        "feast_project": project,
         "online_retry_seconds": 30.0,
         "redis_socket_timeout": 0.2,
         "redis_socket_connect_timeout": 0.2,
         "redis_retries": 1,
     }
-    _online_stores(world.events_dir, world.settings(tmp_path / "var", **overrides))
-    try:
-        with open_api(world, tmp_path / "var", **overrides) as api:
-            headers = api.key("score")
-            body = api.payment_body(api.adult_payments(1)[0])
-            first = api.client.post("/v1/payments/score", json=body, headers=headers).json()
-            assert first["degraded"] is False
-            proxy.muted = True
-            outcome: dict[str, object] = {}
+    with proxied_redis_api(world, tmp_path / "var", **overrides) as (api, proxy):
+        headers = api.key("score")
+        body = api.payment_body(api.adult_payments(1)[0])
+        first = api.client.post("/v1/payments/score", json=body, headers=headers).json()
+        assert first["degraded"] is False
+        proxy.muted = True
+        outcome: dict[str, object] = {}
 
-            def call() -> None:
-                outcome["response"] = api.client.post("/v1/payments/score", json=body, headers=headers)
+        def call() -> None:
+            outcome["response"] = api.client.post("/v1/payments/score", json=body, headers=headers)
 
-            caller = threading.Thread(target=call, daemon=True)
-            started = time.perf_counter()
-            caller.start()
-            caller.join(timeout=10)  # a hang would never return; the bound only separates the two
-            assert not caller.is_alive(), "scoring hung on a Redis that does not answer"
-            elapsed = time.perf_counter() - started
-            r = outcome["response"]
-            assert r.status_code == 200  # type: ignore[attr-defined]
-            out = r.json()  # type: ignore[attr-defined]
-            assert out["degraded"] is True and out["tier"] == "request_only"
-            assert elapsed < 2 * (1 + 1) * 0.2 + 1.0  # (1 + retries) timeouts, plus slack for a busy machine
-    finally:
-        proxy.close()
-        client = redis.Redis.from_url("redis://127.0.0.1:6379/0")
-        keys = list(client.scan_iter(match=f"*{project}*", count=1000))
-        if keys:
-            client.delete(*keys)
+        caller = threading.Thread(target=call, daemon=True)
+        started = time.perf_counter()
+        caller.start()
+        caller.join(timeout=10)  # a hang would never return; the bound only separates the two
+        assert not caller.is_alive(), "scoring hung on a Redis that does not answer"
+        elapsed = time.perf_counter() - started
+        r = outcome["response"]
+        assert r.status_code == 200  # type: ignore[attr-defined]
+        out = r.json()  # type: ignore[attr-defined]
+        assert out["degraded"] is True and out["tier"] == "request_only"
+        assert elapsed < 2 * (1 + 1) * 0.2 + 1.0  # (1 + retries) timeouts, plus slack for a busy machine
 
 
 @pytest.fixture
