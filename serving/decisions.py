@@ -6,21 +6,18 @@ model name/version/hash, raw score, thresholds, outcome and time. A human review
 rewrites the automated row: its outcome is a *new* decision with ``source = "human"`` that
 points at the one it supersedes, so both stay on record.
 
-Writes on the hot path go through `DecisionWriter`, a group commit: concurrent requests are
-inserted in one transaction on a worker thread and each request answers only after its row is
-committed (nothing lost, and the event loop never waits on the database).
+Writes on the hot path go through `DecisionWriter.insert`, called by each scoring or
+recommendation batch in its worker thread: the batch's rows in one transaction, and each
+request answers only after its row is committed (nothing lost, and the event loop never waits
+on the database).
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import datetime as dt
 import math
 import uuid
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import (
@@ -151,13 +148,6 @@ def ensure_tables(engine: Engine) -> None:
 # --- writing ----------------------------------------------------------------------------------
 
 
-@dataclass
-class _Pending:
-    row: dict[str, Any]
-    review: dict[str, Any] | None
-    done: asyncio.Future[None]
-
-
 def policy_review(decision_id: str, subject_id: str, origin: str) -> dict[str, Any]:
     """An open review row for a decision the policy or the model sends to a human."""
     return {
@@ -177,90 +167,34 @@ def policy_review(decision_id: str, subject_id: str, origin: str) -> dict[str, A
 
 
 class DecisionWriter:
-    """Group commit of decision rows (and the reviews they open): one transaction per batch; every
-    caller awaits its own commit."""
+    """Commits decision rows (and the reviews they open) in the calling thread: the scoring and
+    recommendation batches (`serving.batching`) each log their rows in one transaction before
+    any of their answers leaves."""
 
-    def __init__(self, engine: Engine, max_batch: int = 500) -> None:
+    def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        self.max_batch = max_batch
-        self._queue: asyncio.Queue[_Pending] | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: ThreadPoolExecutor | None = None  # one: batches commit in order, one at a time
         self.written = 0
 
-    async def write(self, row: dict[str, Any], review: dict[str, Any] | None = None) -> None:
-        """Insert one decision row (and its review); returns once committed (raises if it failed)."""
-        loop = asyncio.get_running_loop()
-        if self._queue is None or self._task is None or self._task.done() or self._loop is not loop:
-            self._loop = loop  # one writer task per event loop (tests may run the app on several)
-            self._queue = asyncio.Queue()
-            self._task = asyncio.create_task(self._run(self._queue), name="decision-writer")
-        fut: asyncio.Future[None] = loop.create_future()
-        self._queue.put_nowait(_Pending(row, review, fut))  # unbounded: never waits
-        await fut
-
-    async def _run(self, queue: asyncio.Queue[_Pending]) -> None:
-        loop = asyncio.get_running_loop()
-        if self._thread is None:
-            self._thread = ThreadPoolExecutor(1, "aipic-decision-log")
-        while True:
-            batch = [await queue.get()]
-            while not queue.empty() and len(batch) < self.max_batch:
-                batch.append(queue.get_nowait())
-            try:
-                rows = [p.row for p in batch]
-                reviews = [p.review for p in batch if p.review is not None]
-                await loop.run_in_executor(self._thread, self._insert, rows, reviews)
-            except Exception as exc:  # every waiting request gets the error, the loop goes on
-                for p in batch:
-                    if not p.done.done():
-                        p.done.set_exception(exc)
-            else:
-                self.written += len(batch)
-                for p in batch:
-                    if not p.done.done():
-                        p.done.set_result(None)
-            finally:
-                for _ in batch:
-                    queue.task_done()
-
     def insert(self, rows: list[dict[str, Any]], reviews: list[dict[str, Any]]) -> None:
-        """Commit rows (and reviews) now, in the calling thread: a caller that already holds a
-        batch (the scoring batches) logs it without another queue and thread hop."""
-        if rows or reviews:
-            self._insert(rows, reviews)
-            self.written += len(rows)
-
-    def _insert(self, rows: list[dict[str, Any]], reviews: list[dict[str, Any]]) -> None:
         """One transaction; tried once more on a fresh connection if the pooled one was dead.
 
         (Should a connection die during COMMIT itself, the retry meets the committed ids and fails
         on the primary key: those requests get an error, never a second copy of a decision.)
         """
+        if not rows and not reviews:
+            return
         for attempt in (1, 2):
             try:
                 with self.engine.begin() as conn:
-                    conn.execute(insert(DecisionRecord), rows)
+                    if rows:
+                        conn.execute(insert(DecisionRecord), rows)
                     if reviews:
                         conn.execute(insert(ReviewRecord), reviews)
-                return
+                break
             except DBAPIError as exc:
                 if attempt == 2 or not exc.connection_invalidated:
                     raise
-
-    async def close(self) -> None:
-        """Flush: every queued row is committed (or its request told it failed), then stop."""
-        if self._task is not None:
-            if self._queue is not None and not self._task.done():
-                await self._queue.join()
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
-            self._task = None
-        if self._thread is not None:
-            self._thread.shutdown(wait=True)
-            self._thread = None
+        self.written += len(rows)
 
 
 # --- reading and the review queue ----------------------------------------------------------------

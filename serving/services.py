@@ -54,7 +54,7 @@ def serving_engine(settings: Settings) -> Engine:
 
     `features.db.engine_for` pings the server at every checkout (a round trip per request); here a
     dead connection is found by using it instead: SQLAlchemy then discards the whole pool and the
-    hot-path reads and the decision writer retry once on a fresh connection.
+    hot-path reads and the decision-log insert retry once on a fresh connection.
     """
     from features.db import engine_for
 
@@ -68,7 +68,7 @@ def serving_engine(settings: Settings) -> Engine:
     return create_engine(
         url,
         json_serializer=json_dumps,
-        # every decision thread at once, the decision writer and the rare admin reads
+        # every decision thread at once (each commits its batch's rows) and the rare admin reads
         pool_size=settings.decision_threads + settings.score_batch_workers + 4,
         max_overflow=16,
         pool_pre_ping=False,
@@ -264,7 +264,6 @@ class Services:
                 await self._poller
         await self.scoring.close()  # decisions in flight finish (and are logged) first
         await self.recommending.close()
-        await self.writer.close()  # then every queued decision row is committed
         close = getattr(self.online.source if self.online else None, "close", None)
         if close is not None:
             close()

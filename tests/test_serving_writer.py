@@ -1,4 +1,8 @@
-"""The decision writer's group commit: every queued row is committed before shutdown completes."""
+"""Decision logging on shutdown: every queued decision is committed before shutdown completes.
+
+The batches of `serving.batching` commit their own rows (`DecisionWriter.insert`); closing the
+batcher decides and logs what is queued first, and every caller gets its answer.
+"""
 
 from __future__ import annotations
 
@@ -40,16 +44,23 @@ def _row(i: int) -> dict[str, Any]:
 
 def test_close_commits_every_queued_row_and_answers_every_writer(tmp_path: Path) -> None:
     from features.db import engine_for
+    from serving.batching import MicroBatcher
     from serving.decisions import DecisionRecord, DecisionWriter, ensure_tables
 
     engine = engine_for(f"sqlite:///{tmp_path / 'service.db'}")
     ensure_tables(engine)
-    writer = DecisionWriter(engine, max_batch=7)
+    writer = DecisionWriter(engine)
+
+    def log(rows: list[dict[str, Any]]) -> list[None]:
+        writer.insert(rows, [])
+        return [None] * len(rows)
+
+    batcher: MicroBatcher[dict[str, Any], None] = MicroBatcher(log, workers=2, max_batch=7, name="t")
 
     async def run() -> list[BaseException | None]:
-        tasks = [asyncio.create_task(writer.write(_row(i))) for i in range(50)]
-        await asyncio.sleep(0)  # all 50 queued, at most the first batch picked up
-        await writer.close()  # shutdown: must flush, not drop, what is queued
+        tasks = [asyncio.create_task(batcher.submit(_row(i))) for i in range(50)]
+        await asyncio.sleep(0)  # all 50 queued, at most the first batches picked up
+        await batcher.close()  # shutdown: must flush, not drop, what is queued
         done, pending = await asyncio.wait(tasks, timeout=10)
         assert not pending, "a caller was left waiting for a commit that never came"
         return [t.exception() for t in done]
