@@ -17,8 +17,8 @@ from __future__ import annotations
 import datetime as dt
 import math
 import uuid
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 from sqlalchemy import (
     JSON,
@@ -39,6 +39,8 @@ from sqlalchemy.orm import Mapped, mapped_column
 
 from features.db import Base
 from features.privacy.sqltypes import UTCDateTime
+
+T = TypeVar("T")
 
 
 class DecisionRecord(Base):
@@ -195,6 +197,21 @@ class DecisionWriter:
                 if attempt == 2 or not exc.connection_invalidated:
                     raise
         self.written += len(rows)
+
+    def log_batch(
+        self,
+        results: list[T | BaseException],
+        row_of: Callable[[T], tuple[dict[str, Any], dict[str, Any] | None]],
+    ) -> list[T | BaseException]:
+        """Commit the decision row (and review) of every answered item of a batch in one
+        transaction; if that fails, no item is answered (each gets the error): an answer is
+        never given for an unlogged decision. Items that already failed keep their error."""
+        parts = [row_of(r) for r in results if not isinstance(r, BaseException)]
+        try:
+            self.insert([row for row, _ in parts], [review for _, review in parts if review is not None])
+        except Exception as exc:
+            return [exc if not isinstance(r, BaseException) else r for r in results]
+        return results
 
 
 # --- reading and the review queue ----------------------------------------------------------------

@@ -103,13 +103,7 @@ def decide_and_log_payments(svc: Services, payments: list[PaymentIn]) -> list[De
     """`decide_payments`, then every decision of the batch committed to the log in one
     transaction before any answer leaves. If the commit fails, no payment of the batch is
     answered (each request gets the error): an answer is never given for an unlogged decision."""
-    results = decide_payments(svc, payments)
-    done = [r for r in results if not isinstance(r, BaseException)]
-    try:
-        svc.writer.insert([r[1] for r in done], [r[2] for r in done if r[2] is not None])
-    except Exception as exc:
-        return [exc if not isinstance(r, BaseException) else r for r in results]
-    return results
+    return svc.writer.log_batch(decide_payments(svc, payments), lambda d: (d[1], d[2]))
 
 
 @dataclass

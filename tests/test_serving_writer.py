@@ -70,3 +70,23 @@ def test_close_commits_every_queued_row_and_answers_every_writer(tmp_path: Path)
     assert writer.written == 50
     with engine.connect() as conn:
         assert conn.execute(select(func.count()).select_from(DecisionRecord)).scalar_one() == 50
+
+
+def test_a_failed_commit_answers_no_item_of_the_batch(tmp_path: Path) -> None:
+    from sqlalchemy.exc import IntegrityError
+
+    from features.db import engine_for
+    from serving.decisions import DecisionRecord, DecisionWriter, ensure_tables
+
+    engine = engine_for(f"sqlite:///{tmp_path / 'service.db'}")
+    ensure_tables(engine)
+    writer = DecisionWriter(engine)
+    bad_input = ValueError("bad payment")
+    ok = writer.log_batch([("a", _row(1)), bad_input, ("b", _row(2))], lambda r: (r[1], None))
+    assert ok[0][0] == "a" and ok[1] is bad_input and ok[2][0] == "b"  # type: ignore[index]
+    clash = _row(3)
+    failed = writer.log_batch([("c", clash), bad_input, ("d", clash)], lambda r: (r[1], None))
+    assert isinstance(failed[0], IntegrityError) and failed[1] is bad_input and failed[2] is failed[0]
+    with engine.connect() as conn:  # the failed batch left nothing behind
+        assert conn.execute(select(func.count()).select_from(DecisionRecord)).scalar_one() == 2
+    assert writer.written == 2

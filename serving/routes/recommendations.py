@@ -59,12 +59,7 @@ def decide_and_log_recommendations(
             results.append(decide_recommendation(svc, body))
         except Exception as exc:
             results.append(exc)
-    done = [r for r in results if not isinstance(r, BaseException)]
-    try:
-        svc.writer.insert([row for _, row in done], [])
-    except Exception as exc:
-        return [exc if not isinstance(r, BaseException) else r for r in results]
-    return results
+    return svc.writer.log_batch(results, lambda r: (r[1], None))
 
 
 def decide_recommendation(svc: Services, body: RecommendationIn) -> tuple[RecommendationOut, dict[str, Any]]:
