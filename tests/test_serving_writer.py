@@ -8,11 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import os
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, select
+import pytest
+from sqlalchemy import Engine, func, select, text
+
+PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 
 
 def _row(i: int) -> dict[str, Any]:
@@ -90,3 +95,62 @@ def test_a_failed_commit_answers_no_item_of_the_batch(tmp_path: Path) -> None:
     with engine.connect() as conn:  # the failed batch left nothing behind
         assert conn.execute(select(func.count()).select_from(DecisionRecord)).scalar_one() == 2
     assert writer.written == 2
+
+
+@pytest.fixture
+def pg_engine() -> Iterator[Engine]:
+    """The service's tables in a fresh schema on the real PostgreSQL server; dropped afterwards."""
+    from sqlalchemy import create_engine
+    from sqlalchemy.exc import OperationalError
+
+    from serving.decisions import ensure_tables
+
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(PG_URL)
+    try:
+        with admin.begin() as conn:
+            conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+    except OperationalError as exc:
+        admin.dispose()
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"PostgreSQL not reachable in CI: {exc}")
+        pytest.skip("PostgreSQL not reachable")
+    engine = create_engine(PG_URL, connect_args={"options": f"-csearch_path={schema}"})
+    try:
+        ensure_tables(engine)
+        yield engine
+    finally:
+        engine.dispose()
+        with admin.begin() as conn:
+            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()
+
+
+@pytest.mark.realserver
+def test_on_postgresql_a_batch_is_logged_whole_or_not_at_all(pg_engine: Engine) -> None:
+    """PostgreSQL batches without reviews go out as one autocommit pipeline (no BEGIN/COMMIT
+    round trips): a row that fails in the middle must still leave none of the batch behind,
+    and a batch with a review (two tables, one transaction) likewise."""
+    from sqlalchemy.exc import IntegrityError
+
+    from serving.decisions import DecisionRecord, DecisionWriter, ReviewRecord, policy_review
+
+    writer = DecisionWriter(pg_engine)
+
+    def count(table: type) -> int:
+        with pg_engine.connect() as conn:
+            return int(conn.execute(select(func.count()).select_from(table)).scalar_one())
+
+    first, clash, last = _row(1), _row(2), _row(3)
+    writer.insert([first], [])
+    assert count(DecisionRecord) == 1
+    with pytest.raises(IntegrityError):  # the second row repeats the first one's id
+        writer.insert([clash, first | {"reference_id": "again"}, last], [])
+    assert count(DecisionRecord) == 1  # neither the row before the clash nor the one after
+    review = policy_review(first["id"], "u1", "model")
+    with pytest.raises(IntegrityError):
+        writer.insert([_row(4), first], [review])
+    assert count(DecisionRecord) == 1 and count(ReviewRecord) == 0
+    writer.insert([clash, last], [policy_review(clash["id"], "u2", "model")])
+    assert count(DecisionRecord) == 3 and count(ReviewRecord) == 1
+    assert writer.written == 3
