@@ -6,7 +6,7 @@ import contextlib
 import datetime as dt
 import math
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -143,6 +143,40 @@ def require_redis() -> None:
         if os.environ.get("CI", "").lower() == "true":
             pytest.fail(f"Redis not reachable in CI: {exc}")
         pytest.skip(f"Redis not reachable: {exc}")
+
+
+PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+
+
+@contextlib.contextmanager
+def postgres_schema(prepare: Callable[[Any], object]) -> Iterator[Any]:
+    """An engine on a fresh schema of the real PostgreSQL server, ``prepare``d (tables created),
+    dropped afterwards. A server that does not answer fails the test in CI and skips it elsewhere."""
+    import uuid
+
+    import pytest
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.exc import OperationalError
+
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(PG_URL)
+    try:
+        with admin.begin() as conn:
+            conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+    except OperationalError as exc:
+        admin.dispose()
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"PostgreSQL not reachable in CI: {exc}")
+        pytest.skip("PostgreSQL not reachable")
+    engine = create_engine(PG_URL, connect_args={"options": f"-csearch_path={schema}"})
+    try:
+        prepare(engine)
+        yield engine
+    finally:
+        engine.dispose()
+        with admin.begin() as conn:
+            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()
 
 
 @contextlib.contextmanager

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import datetime as dt
-import os
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from features_kit import postgres_schema
 from sqlalchemy import Engine, create_engine, text
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from features.events import ConsentPurpose, ConsentStatus
@@ -21,8 +20,6 @@ from features.storage import write_table
 
 pytestmark = pytest.mark.consent
 
-PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-IN_CI = os.environ.get("CI", "").lower() == "true"
 T0 = dt.datetime(2025, 3, 1, 12, 0, tzinfo=dt.UTC)
 P = ConsentPurpose.PERSONALISATION
 D = ConsentPurpose.DEVICE_LOCATION_SIGNALS
@@ -37,26 +34,9 @@ def sqlite_engine(tmp_path: Path) -> Engine:
 
 @pytest.fixture
 def pg_engine() -> Iterator[Engine]:
-    """A fresh schema on the real PostgreSQL server; dropped afterwards."""
-    schema = f"t_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(PG_URL)
-    try:
-        with admin.begin() as conn:
-            conn.execute(text(f'CREATE SCHEMA "{schema}"'))
-    except OperationalError as exc:
-        admin.dispose()
-        if IN_CI:
-            pytest.fail(f"PostgreSQL not reachable in CI: {exc}")
-        pytest.skip("PostgreSQL not reachable")
-    engine = create_engine(PG_URL, connect_args={"options": f"-csearch_path={schema}"})
-    try:
-        migrate(engine)
+    """A fresh schema on the real PostgreSQL server, migrated; dropped afterwards."""
+    with postgres_schema(migrate) as engine:
         yield engine
-    finally:
-        engine.dispose()
-        with admin.begin() as conn:
-            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-        admin.dispose()
 
 
 def _exercise(engine: Engine) -> None:

@@ -8,16 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, func, select, text
-
-PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+from features_kit import postgres_schema
+from sqlalchemy import Engine, func, select
 
 
 def _row(i: int) -> dict[str, Any]:
@@ -99,31 +97,11 @@ def test_a_failed_commit_answers_no_item_of_the_batch(tmp_path: Path) -> None:
 
 @pytest.fixture
 def pg_engine() -> Iterator[Engine]:
-    """The service's tables in a fresh schema on the real PostgreSQL server; dropped afterwards."""
-    from sqlalchemy import create_engine
-    from sqlalchemy.exc import OperationalError
-
+    """The service's tables in a fresh schema on the real PostgreSQL server."""
     from serving.decisions import ensure_tables
 
-    schema = f"t_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(PG_URL)
-    try:
-        with admin.begin() as conn:
-            conn.execute(text(f'CREATE SCHEMA "{schema}"'))
-    except OperationalError as exc:
-        admin.dispose()
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"PostgreSQL not reachable in CI: {exc}")
-        pytest.skip("PostgreSQL not reachable")
-    engine = create_engine(PG_URL, connect_args={"options": f"-csearch_path={schema}"})
-    try:
-        ensure_tables(engine)
+    with postgres_schema(ensure_tables) as engine:
         yield engine
-    finally:
-        engine.dispose()
-        with admin.begin() as conn:
-            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-        admin.dispose()
 
 
 @pytest.mark.realserver
