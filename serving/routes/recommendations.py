@@ -7,7 +7,7 @@ from typing import Any
 
 from fastapi import APIRouter, HTTPException, status
 
-from features.privacy.gate import decide
+from features.privacy.gate import GateDecision, decide_many
 from serving.decisions import json_floats, new_id
 from serving.deps import RecommendCaller, ServicesDep
 from serving.modelset import hash_of
@@ -52,22 +52,33 @@ def decide_and_log_recommendations(
     svc: Services, bodies: list[RecommendationIn]
 ) -> list[Recommended | BaseException]:
     """Each request's recommendation (or the error it raised), then every row of the batch committed
-    in one transaction before any answer leaves; if the commit fails, no request is answered."""
+    in one transaction before any answer leaves; if the commit fails, no request is answered.
+
+    The batch's persons are gated together, with one ledger read, as scoring batches are."""
+    now = dt.datetime.now(dt.UTC)
+    gates = decide_many(
+        [b.user_id for b in bodies],
+        PURPOSE,
+        now,
+        svc.ledger,
+        {b.user_id: svc.profiles.profile(b.user_id) for b in bodies},
+        svc.registry,
+    )
     results: list[Recommended | BaseException] = []
-    for body in bodies:
+    for body, gate in zip(bodies, gates, strict=True):
         try:
-            results.append(decide_recommendation(svc, body))
+            results.append(decide_recommendation(svc, body, gate, now))
         except Exception as exc:
             results.append(exc)
     return svc.writer.log_batch(results, lambda r: (r[1], None))
 
 
-def decide_recommendation(svc: Services, body: RecommendationIn) -> tuple[RecommendationOut, dict[str, Any]]:
-    """Gate -> tier -> shared recommend function -> answer and the decision row to log."""
+def decide_recommendation(
+    svc: Services, body: RecommendationIn, gate: GateDecision, now: dt.datetime
+) -> tuple[RecommendationOut, dict[str, Any]]:
+    """Gate's tier -> shared recommend function -> answer and the decision row to log."""
     from models.recommend import RecRequest
 
-    now = dt.datetime.now(dt.UTC)
-    gate = decide(body.user_id, PURPOSE, now, svc.ledger, svc.profiles.profile(body.user_id), svc.registry)
     allowed = gate.tier or "limited"
     snapshot = gate.to_log()
     # the person's state is built once, and in the limited tier their history is not read at all
