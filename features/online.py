@@ -926,11 +926,12 @@ class RedisEventState(EventState):
         """
         from redis.exceptions import NoScriptError
 
-        sha = self._shas.get(script) or self._load(script)
-        replies = self._send([("EVALSHA", sha, len(keys), *keys, *args) for keys, args in calls])
+        def evalsha(sha: str) -> list[Any]:
+            return self._send([("EVALSHA", sha, len(keys), *keys, *args) for keys, args in calls])
+
+        replies = evalsha(self._shas.get(script) or self._load(script))
         if any(isinstance(r, NoScriptError) for r in replies):
-            sha = self._load(script)
-            replies = self._send([("EVALSHA", sha, len(keys), *keys, *args) for keys, args in calls])
+            replies = evalsha(self._load(script))
         for r in replies:
             if isinstance(r, Exception):
                 raise r
