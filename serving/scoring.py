@@ -84,9 +84,10 @@ async def score_payment(svc: Services, payment: PaymentIn) -> ScoreOut:
     """Decide and log (in a batch with the requests waiting alongside, see `serving.batching`),
     then answer.
 
-    The decision's blocking round trips (consent ledger, online store), its model call and the
-    decision log's commit run in a worker thread, shared by every request of the batch: one
-    ledger query, one Redis pipeline, one LightGBM call per model and one transaction.
+    The decision's blocking round trips (consent ledger, online store) and its model call run in
+    a worker thread, shared by every request of the batch: one ledger query, one Redis pipeline,
+    one LightGBM call per model. The batch's decision-log commit (one transaction) runs in a thread
+    of its own, while the worker decides the next batch.
     """
     out, _row, _review = await svc.scoring.submit(payment)
     svc.metrics.decisions.labels(PURPOSE, out.outcome, out.tier).inc()
@@ -99,11 +100,14 @@ async def score_payment(svc: Services, payment: PaymentIn) -> ScoreOut:
 Decided = tuple[ScoreOut, dict[str, Any], dict[str, Any] | None]
 
 
-def decide_and_log_payments(svc: Services, payments: list[PaymentIn]) -> list[Decided | BaseException]:
-    """`decide_payments`, then every decision of the batch committed to the log in one
-    transaction before any answer leaves. If the commit fails, no payment of the batch is
-    answered (each request gets the error): an answer is never given for an unlogged decision."""
-    return svc.writer.log_batch(decide_payments(svc, payments), lambda d: (d[1], d[2]))
+def log_payment_decisions(
+    svc: Services, results: list[Decided | BaseException]
+) -> list[Decided | BaseException]:
+    """The second stage of a scoring batch (see `serving.batching`): every decision of the batch
+    committed to the log in one transaction before any answer leaves. If the commit fails, no
+    payment of the batch is answered (each request gets the error): an answer is never given for
+    an unlogged decision."""
+    return svc.writer.log_batch(results, lambda d: (d[1], d[2]))
 
 
 @dataclass

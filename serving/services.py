@@ -68,8 +68,8 @@ def serving_engine(settings: Settings) -> Engine:
     return create_engine(
         url,
         json_serializer=json_dumps,
-        # every decision thread at once (each commits its batch's rows) and the rare admin reads
-        pool_size=settings.decision_threads + settings.score_batch_workers + 4,
+        # every decision thread at once, the scoring batches' commit thread and the rare admin reads
+        pool_size=settings.decision_threads + settings.score_batch_workers + 5,
         max_overflow=16,
         pool_pre_ping=False,
         pool_use_lifo=True,
@@ -109,14 +109,15 @@ class Services:
     _poller: asyncio.Task[None] | None = None
 
     def __post_init__(self) -> None:
-        from serving.scoring import decide_and_log_payments
+        from serving.scoring import decide_payments, log_payment_decisions
 
         self.scoring = MicroBatcher(
-            functools.partial(decide_and_log_payments, self),
+            functools.partial(decide_payments, self),
             workers=self.settings.score_batch_workers,
             max_batch=self.settings.score_max_batch,
             name="aipic-score",
             on_batch=self.metrics.score_batch.observe,
+            finish=functools.partial(log_payment_decisions, self),
         )
         from serving.routes.recommendations import decide_and_log_recommendations
 

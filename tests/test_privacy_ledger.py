@@ -86,6 +86,9 @@ def _exercise(engine: Engine) -> None:
         "u2", "restriction", active=False, collection_method="cli", event_time=T0 + dt.timedelta(1)
     )
     assert not ledger.state("u2", at).restricted
+    # several persons in one read (the API's batches) = each read alone
+    together = ledger.states(["u3", "u1", "u2", "nobody"], at)
+    assert together == {s: ledger.state(s, at) for s in ("u1", "u2", "u3", "nobody")}
     assert ledger.excluded_subjects("fraud_detection", at) == {"u2"}
     assert ledger.excluded_subjects("personalised_recommendations", at) == set()
 
@@ -117,7 +120,10 @@ def test_ledger_on_sqlite(sqlite_engine: Engine) -> None:
 
 @pytest.mark.realserver
 def test_ledger_on_postgresql(pg_engine: Engine) -> None:
+    assert ConsentLedger(pg_engine)._state_sql_pg is not None  # the driver-level read is under test
     _exercise(pg_engine)
+    with pg_engine.connect() as conn:  # the pooled connection went back in SQLAlchemy's default mode
+        assert conn.connection.driver_connection.autocommit is False
 
 
 def test_migrate_is_idempotent_and_matches_models(sqlite_engine: Engine) -> None:

@@ -122,3 +122,93 @@ def test_each_batch_size_is_reported() -> None:
 
     _run(main())
     assert sum(sizes) == 6 and max(sizes) <= 4
+
+
+def test_the_next_batch_is_decided_while_the_last_one_finishes_and_answers_wait_for_their_finish() -> None:
+    """The second stage (the decision log's commit) runs beside the next batch's first stage; a
+    request is answered only after its own batch's finish returned; finishes run in order."""
+    finishing = threading.Event()
+    release = threading.Event()
+    decided: list[list[int]] = []
+    finished: list[list[int]] = []
+
+    def decide(items: list[int]) -> list[int]:
+        decided.append(list(items))
+        return items
+
+    def finish(results: list[int | BaseException]) -> list[int | BaseException]:
+        if results == [0]:
+            finishing.set()
+            release.wait(5)  # the first batch's commit hangs until released
+        finished.append([r for r in results if isinstance(r, int)])
+        return [r * 10 for r in results if isinstance(r, int)]
+
+    async def main() -> None:
+        b: MicroBatcher[int, int] = MicroBatcher(
+            decide, workers=1, max_batch=8, name="t", finish=finish, finish_depth=2
+        )
+        first = asyncio.create_task(b.submit(0))
+        while not finishing.is_set():
+            await asyncio.sleep(0.01)
+        second = asyncio.create_task(b.submit(1))
+        for _ in range(200):  # the second batch is decided while the first one's commit hangs
+            if decided == [[0], [1]]:
+                break
+            await asyncio.sleep(0.01)
+        assert decided == [[0], [1]] and finished == []
+        await asyncio.sleep(0.05)
+        assert not first.done() and not second.done()  # no answer before its own batch's commit
+        release.set()
+        assert await first == 0 and await second == 10
+        assert finished == [[0], [1]]  # commits in decision order
+        await b.close()
+        assert b.batches == 2 and b.items == 2
+
+    _run(main())
+
+
+def test_at_most_finish_depth_batches_wait_for_their_finish() -> None:
+    release = threading.Event()
+    decided: list[int] = []
+
+    def decide(items: list[int]) -> list[int]:
+        decided.extend(items)
+        return items
+
+    def finish(results: list[int | BaseException]) -> list[int | BaseException]:
+        release.wait(5)
+        return results
+
+    async def main() -> list[int]:
+        b: MicroBatcher[int, int] = MicroBatcher(
+            decide, workers=1, max_batch=1, name="t", finish=finish, finish_depth=1
+        )
+        tasks = [asyncio.create_task(b.submit(i)) for i in range(4)]
+        await asyncio.sleep(0.3)
+        # batch 0 waits for its finish; batch 1 is decided, then waits for a slot: no batch 2 yet
+        assert decided == [0, 1]
+        release.set()
+        out = [await t for t in tasks]
+        await b.close()
+        return out
+
+    assert _run(main()) == [0, 1, 2, 3]
+
+
+def test_a_failing_finish_fails_only_its_own_batch() -> None:
+    def finish(results: list[int | BaseException]) -> list[int | BaseException]:
+        if 0 in results:
+            raise ConnectionError("log down")
+        return results
+
+    async def main() -> tuple[list[object], int]:
+        b: MicroBatcher[int, int] = MicroBatcher(
+            lambda xs: xs, workers=1, max_batch=8, name="t", finish=finish
+        )
+        first = await asyncio.gather(b.submit(0), return_exceptions=True)
+        again = await b.submit(3)
+        await b.close()
+        return first, again
+
+    first, again = _run(main())
+    assert isinstance(first[0], ConnectionError) and again == 3

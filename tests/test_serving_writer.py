@@ -132,3 +132,40 @@ def test_on_postgresql_a_batch_is_logged_whole_or_not_at_all(pg_engine: Engine) 
     writer.insert([clash, last], [policy_review(clash["id"], "u2", "model")])
     assert count(DecisionRecord) == 3 and count(ReviewRecord) == 1
     assert writer.written == 3
+
+
+@pytest.mark.realserver
+def test_on_postgresql_the_driver_level_insert_stores_what_sqlalchemy_stores(pg_engine: Engine) -> None:
+    """Batches without reviews bypass SQLAlchemy's execution layer (statement compiled once from the
+    table): a row must come back exactly as the SQLAlchemy path (used with reviews) stores it,
+    JSON nulls, defaults and UTC times included, and the pooled connection must be left as
+    SQLAlchemy expects it."""
+    from serving.decisions import DecisionRecord, DecisionWriter, policy_review
+
+    writer = DecisionWriter(pg_engine)
+    assert writer._insert_sql_pg is not None
+    when = dt.datetime(2026, 3, 1, 12, 30, tzinfo=dt.timezone(dt.timedelta(hours=2)))
+    shared = {
+        "created_at": when,
+        "thresholds": None,
+        "vectors": [[1.5, None, 3.0]],
+        "consent_snapshot": {"tier": "full", "consents": {"a": "given"}},
+    }
+    lean = {k: v for k, v in (_row(1) | shared).items() if k not in ("degraded", "human_review_required")}
+    driver_row = lean | {"id": str(uuid.uuid4())}
+    sqlalchemy_row = lean | {"id": str(uuid.uuid4()), "degraded": False, "human_review_required": False}
+    writer.insert([driver_row], [])
+    writer.insert([sqlalchemy_row], [policy_review(sqlalchemy_row["id"], "u1", "model")])
+    with pg_engine.connect() as conn:
+        stored = {
+            r["id"]: dict(r)
+            for r in conn.execute(select(DecisionRecord.__table__)).mappings()  # type: ignore[arg-type]
+        }
+        nulls = conn.execute(
+            select(func.count()).where(DecisionRecord.thresholds.is_(None))  # SQL NULL, not JSON null
+        ).scalar_one()
+        assert conn.connection.driver_connection.autocommit is False
+    a, b = stored.pop(driver_row["id"]), stored.pop(sqlalchemy_row["id"])
+    assert {k: v for k, v in a.items() if k != "id"} == {k: v for k, v in b.items() if k != "id"}
+    assert a["created_at"] == when and a["degraded"] is False and a["thresholds"] is None
+    assert nulls == 0  # both paths store None as JSON null, as SQLAlchemy's JSON type does

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,7 @@ from sqlalchemy import (
     Index,
     String,
     Text,
+    any_,
     bindparam,
     cast,
     event,
@@ -43,11 +44,12 @@ from sqlalchemy import (
     select,
     union_all,
 )
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Mapped, mapped_column
 from sqlalchemy.sql.selectable import CompoundSelect
 
-from features.db import Base, engine_for
+from features.db import Base, engine_for, on_driver_cursor
 from features.events import VALID_CONSENT, ConsentPurpose, ConsentStatus
 from features.privacy.registry import CONSENT_SCOPES
 from features.privacy.sqltypes import BigId, UTCDateTime, as_utc
@@ -194,37 +196,45 @@ class ImportReport:
 # Built once: the gate reads state on every request, so statement construction is kept off the hot
 # path. One statement (consents and controls in a UNION ALL) and one round trip: the state is one
 # consistent snapshot, read fresh every time. The API reads the persons of a batch of requests at
-# once (an expanding ``IN``); a lone read is a batch of one.
-_STATE: CompoundSelect = union_all(
-    select(
-        literal_column("0").label("src"),
-        ConsentRecord.subject_id.label("subject"),
-        ConsentRecord.purpose.label("name"),
-        ConsentRecord.status.label("value"),
-        ConsentRecord.receipt_id,
-        ConsentRecord.event_time,
-        ConsentRecord.policy_version,
-        cast(null(), Boolean).label("active"),
-        ConsentRecord.id,
-    ).where(
-        ConsentRecord.subject_id.in_(bindparam("subjects", expanding=True)),
-        ConsentRecord.event_time <= bindparam("at", type_=UTCDateTime),
-    ),
-    select(
-        literal_column("1"),
-        ProcessingControl.subject_id,
-        ProcessingControl.kind,
-        ProcessingControl.scope,
-        cast(null(), String),
-        ProcessingControl.event_time,
-        cast(null(), String),
-        ProcessingControl.active,
-        ProcessingControl.id,
-    ).where(
-        ProcessingControl.subject_id.in_(bindparam("subjects", expanding=True)),
-        ProcessingControl.event_time <= bindparam("at", type_=UTCDateTime),
-    ),
-).order_by(literal_column("src"), literal_column("event_time"), literal_column("id"))
+# once; a lone read is a batch of one.
+def _state_statement(subjects: Callable[[Any], Any]) -> CompoundSelect:
+    """Consent records and processing controls of the persons ``subjects(column)`` selects."""
+    return union_all(
+        select(
+            literal_column("0").label("src"),
+            ConsentRecord.subject_id.label("subject"),
+            ConsentRecord.purpose.label("name"),
+            ConsentRecord.status.label("value"),
+            ConsentRecord.receipt_id,
+            ConsentRecord.event_time,
+            ConsentRecord.policy_version,
+            cast(null(), Boolean).label("active"),
+            ConsentRecord.id,
+        ).where(
+            subjects(ConsentRecord.subject_id),
+            ConsentRecord.event_time <= bindparam("at", type_=UTCDateTime),
+        ),
+        select(
+            literal_column("1"),
+            ProcessingControl.subject_id,
+            ProcessingControl.kind,
+            ProcessingControl.scope,
+            cast(null(), String),
+            ProcessingControl.event_time,
+            cast(null(), String),
+            ProcessingControl.active,
+            ProcessingControl.id,
+        ).where(
+            subjects(ProcessingControl.subject_id),
+            ProcessingControl.event_time <= bindparam("at", type_=UTCDateTime),
+        ),
+    ).order_by(literal_column("src"), literal_column("event_time"), literal_column("id"))
+
+
+# Any database: an expanding IN (its SQL text changes with the number of persons).
+_STATE = _state_statement(lambda column: column.in_(bindparam("subjects", expanding=True)))
+# PostgreSQL: one array parameter, so one SQL text that psycopg prepares once per connection.
+_STATE_PG = _state_statement(lambda column: column == any_(bindparam("subjects", type_=ARRAY(String))))
 
 
 def now_utc() -> dt.datetime:
@@ -240,6 +250,11 @@ class ConsentLedger:
 
             engine = get_engine()
         self.engine = engine_for(engine) if isinstance(engine, str) else engine
+        self._state_sql_pg = (
+            str(_STATE_PG.compile(dialect=self.engine.dialect))
+            if self.engine.dialect.name == "postgresql" and self.engine.dialect.driver == "psycopg"
+            else None
+        )
 
     # -- writing ----------------------------------------------------------------------------------
     def append(
@@ -391,9 +406,18 @@ class ConsentLedger:
     def _state_rows(self, params: dict[str, Any]) -> list[Any]:
         """One autocommit read (a lone SELECT needs no BEGIN/ROLLBACK round trips around it).
 
-        Engines without a ping per checkout find a dead connection by using it: SQLAlchemy then
-        discards the pool and the read is tried once more on a fresh connection.
+        On PostgreSQL (psycopg) straight on the driver (`features.db.on_driver_cursor`) with the
+        statement compiled once. Engines without a ping per checkout find a dead connection by
+        using it: the pool is discarded and the read is tried once more on a fresh connection.
         """
+        if self._state_sql_pg is not None:
+            sql = self._state_sql_pg
+
+            def read(cur: Any) -> list[Any]:
+                cur.execute(sql, {"subjects": params["subjects"], "at": as_utc(params["at"])})
+                return [(*r[:5], as_utc(r[5]), *r[6:]) for r in cur.fetchall()]
+
+            return on_driver_cursor(self.engine, read)
         for attempt in (1, 2):
             try:
                 with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
