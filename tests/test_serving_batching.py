@@ -212,3 +212,27 @@ def test_a_failing_finish_fails_only_its_own_batch() -> None:
 
     first, again = _run(main())
     assert isinstance(first[0], ConnectionError) and again == 3
+
+
+def test_close_waits_for_every_batch_to_finish() -> None:
+    """Shutdown decides what is queued and waits for each batch's commit before it returns."""
+    import time
+
+    finished: list[int] = []
+
+    def finish(results: list[int | BaseException]) -> list[int | BaseException]:
+        time.sleep(0.02)
+        finished.extend(r for r in results if isinstance(r, int))
+        return results
+
+    async def main() -> list[int]:
+        b: MicroBatcher[int, int] = MicroBatcher(
+            lambda xs: xs, workers=1, max_batch=3, name="t", finish=finish
+        )
+        tasks = [asyncio.create_task(b.submit(i)) for i in range(20)]
+        await asyncio.sleep(0)
+        await b.close()
+        assert sorted(finished) == list(range(20))  # every commit done before close returned
+        return [t.result() for t in tasks]
+
+    assert _run(main()) == list(range(20))
