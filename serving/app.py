@@ -20,6 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.telemetry import TelemetryConfig
 from sqlalchemy import Engine
+from sqlalchemy.exc import InterfaceError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from features.settings import Settings, get_settings
@@ -130,6 +131,22 @@ def create_app(
                 },
             )
         return await http_exception_handler(request, exc)
+
+    async def on_database_down(request: Request, exc: Exception) -> JSONResponse:
+        """The service's database unreachable or busy (a dependency outage, not a bug): 503."""
+        route = getattr(request.scope.get("route"), "path", "unmatched")
+        cause = type(getattr(exc, "orig", None) or exc).__name__  # the type only: messages can quote values
+        log.warning("database unavailable (%s) on %s %s", cause, request.method, route)
+        return JSONResponse(
+            status_code=503,
+            headers={"Retry-After": "1"},
+            content={
+                "detail": "the service's database is unavailable: the request was not completed; retry shortly"
+            },
+        )
+
+    app.add_exception_handler(OperationalError, on_database_down)
+    app.add_exception_handler(InterfaceError, on_database_down)
 
     @app.exception_handler(Exception)
     async def on_error(request: Request, exc: Exception) -> JSONResponse:

@@ -210,3 +210,31 @@ def test_a_batch_of_requests_is_decided_as_if_one_after_the_other(api: Api) -> N
     bundle = api.services.models.version(rows[4]["model_name"], rows[4]["model_version"])
     x = np.array([[np.nan if v is None else v for v in rows[4]["vectors"][0]]])
     assert float(bundle.raw_score(x)[0]) == rows[4]["raw_scores"][0]
+
+
+def test_a_database_outage_is_a_503_to_retry_and_logs_nothing(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The consent ledger or the decision log unreachable: no decision is made or answered, the
+    caller gets 503 with Retry-After (not a 500), and scoring works again once the database is back."""
+    from sqlalchemy.exc import OperationalError
+
+    svc = api.services
+    headers = api.key("score")
+    bodies = [api.payment_body(p) for p in api.adult_payments(3)]
+    down = OperationalError("SELECT ...", None, ConnectionRefusedError("connection refused"))
+
+    def refuse(*_args: Any, **_kwargs: Any) -> Any:
+        raise down
+
+    logged = svc.decisions.count()
+    for target, name in ((svc.ledger, "_state_rows"), (svc.writer, "insert")):
+        with monkeypatch.context() as m:
+            m.setattr(target, name, refuse)
+            r = api.client.post("/v1/payments/score", json=bodies[0], headers=headers)
+        assert r.status_code == 503, (name, r.text)
+        assert r.headers["retry-after"] == "1"
+        assert "database is unavailable" in r.json()["detail"]
+        assert svc.decisions.count() == logged  # nothing answered, nothing logged
+    again = api.client.post("/v1/payments/score", json=bodies[1], headers=headers)
+    assert again.status_code == 200 and svc.decisions.count() == logged + 1

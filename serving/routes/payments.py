@@ -21,7 +21,13 @@ router = APIRouter(prefix="/v1/payments", tags=["fraud"])
         "decline), the feature tier used, up to four reasons, the model version and whether the answer "
         "was degraded. The payment also updates the real-time features. Scope: `score`."
     ),
-    responses={401: {"description": "No or bad credentials"}, 403: {"description": "Missing scope `score`"}},
+    responses={
+        401: {"description": "No or bad credentials"},
+        403: {"description": "Missing scope `score`"},
+        503: {
+            "description": "Models not loaded, or the service's database unavailable (retry; see Retry-After)"
+        },
+    },
 )
 async def score(payment: PaymentIn, svc: ServicesDep, _caller: ScoreCaller) -> ScoreOut:
     try:
