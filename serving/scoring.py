@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from features.privacy.gate import GateDecision, decide_many
+from features.privacy.gate import GateDecision
 from models.bundle import ModelBundle
 from serving.decisions import json_floats, new_id, policy_review
 from serving.modelset import FRAUD_DEGRADED_TIER, fraud_name, hash_of
@@ -132,14 +132,7 @@ def decide_payments(svc: Services, payments: list[PaymentIn]) -> list[Decided | 
     """
     now = dt.datetime.now(dt.UTC)
     models = svc.models.current
-    gates = decide_many(
-        [p.user_id for p in payments],
-        PURPOSE,
-        now,
-        svc.ledger,
-        {p.user_id: svc.profiles.profile(p.user_id) for p in payments},
-        svc.registry,
-    )
+    gates = svc.gates([p.user_id for p in payments], PURPOSE, now)
     pending = []
     for payment, gate in zip(payments, gates, strict=True):
         human = gate.human_review or gate.tier is None

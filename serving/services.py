@@ -34,6 +34,9 @@ from serving.ratelimit import RateLimiter
 from serving.recsys import RecommenderHolder
 
 if TYPE_CHECKING:
+    import datetime as dt
+
+    from features.privacy.gate import GateDecision
     from serving.routes.recommendations import Recommended
     from serving.schemas import PaymentIn, RecommendationIn
     from serving.scoring import Decided
@@ -156,6 +159,14 @@ class Services:
             recommender=RecommenderHolder(settings.events_dir, settings),
             _source_factory=feature_source or default_feature_source,
         )
+
+    def gates(self, subject_ids: list[str], purpose: str, now: dt.datetime) -> list[GateDecision]:
+        """The purpose gate for a batch's persons: one consent-ledger read for all of them, with
+        their profiles (minors) and this service's purpose registry."""
+        from features.privacy.gate import decide_many
+
+        profiles = {s: self.profiles.profile(s) for s in subject_ids}
+        return decide_many(subject_ids, purpose, now, self.ledger, profiles, self.registry)
 
     # lifecycle ----------------------------------------------------------------------------------
     def load_blocking(self) -> None:

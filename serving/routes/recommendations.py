@@ -7,7 +7,7 @@ from typing import Any
 
 from fastapi import APIRouter, HTTPException, status
 
-from features.privacy.gate import GateDecision, decide_many
+from features.privacy.gate import GateDecision
 from serving.decisions import json_floats, new_id
 from serving.deps import RecommendCaller, ServicesDep
 from serving.modelset import hash_of
@@ -54,16 +54,9 @@ def decide_and_log_recommendations(
     """Each request's recommendation (or the error it raised), then every row of the batch committed
     in one transaction before any answer leaves; if the commit fails, no request is answered.
 
-    The batch's persons are gated together, with one ledger read, as scoring batches are."""
+    The batch's persons are gated together (`Services.gates`: one ledger read), as scoring batches are."""
     now = dt.datetime.now(dt.UTC)
-    gates = decide_many(
-        [b.user_id for b in bodies],
-        PURPOSE,
-        now,
-        svc.ledger,
-        {b.user_id: svc.profiles.profile(b.user_id) for b in bodies},
-        svc.registry,
-    )
+    gates = svc.gates([b.user_id for b in bodies], PURPOSE, now)
     results: list[Recommended | BaseException] = []
     for body, gate in zip(bodies, gates, strict=True):
         try:
