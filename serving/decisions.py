@@ -35,10 +35,9 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Mapped, mapped_column
 
-from features.db import Base, json_dumps, on_driver_cursor
+from features.db import Base, json_dumps, on_driver_cursor, retry_if_connection_died
 from features.privacy.sqltypes import UTCDateTime, as_utc
 
 T = TypeVar("T")
@@ -199,23 +198,21 @@ class DecisionWriter:
         if not reviews and self._insert_sql_pg is not None:
             # psycopg sends the rows as one pipeline ending in one Sync, which PostgreSQL runs as one
             # implicit transaction (all rows or none; tested): no BEGIN and COMMIT round trips, and
-            # straight on the driver with the statement compiled once (one row: 0.07 instead of
+            # straight on the driver with the statement compiled once (one row: 0.10 instead of
             # 0.14 ms of CPU through SQLAlchemy's executemany)
             sql, params = self._insert_sql_pg, [self._driver_params(r) for r in rows]
             on_driver_cursor(self.engine, lambda cur: cur.executemany(sql, params))
             self.written += len(rows)
             return
-        for attempt in (1, 2):
-            try:
-                with self.engine.begin() as conn:
-                    if rows:
-                        conn.execute(insert(DecisionRecord), rows)
-                    if reviews:
-                        conn.execute(insert(ReviewRecord), reviews)
-                break
-            except DBAPIError as exc:
-                if attempt == 2 or not exc.connection_invalidated:
-                    raise
+
+        def insert_in_one_transaction() -> None:
+            with self.engine.begin() as conn:
+                if rows:
+                    conn.execute(insert(DecisionRecord), rows)
+                if reviews:
+                    conn.execute(insert(ReviewRecord), reviews)
+
+        retry_if_connection_died(insert_in_one_transaction)
         self.written += len(rows)
 
     def _driver_params(self, row: dict[str, Any]) -> dict[str, Any]:

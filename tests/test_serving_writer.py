@@ -169,3 +169,31 @@ def test_on_postgresql_the_driver_level_insert_stores_what_sqlalchemy_stores(pg_
     assert {k: v for k, v in a.items() if k != "id"} == {k: v for k, v in b.items() if k != "id"}
     assert a["created_at"] == when and a["degraded"] is False and a["thresholds"] is None
     assert nulls == 0  # both paths store None as JSON null, as SQLAlchemy's JSON type does
+
+
+def test_retry_if_connection_died_runs_once_more_only_after_a_dead_connection() -> None:
+    from sqlalchemy.exc import DBAPIError
+
+    from features.db import retry_if_connection_died
+
+    def failing(invalidated: bool) -> DBAPIError:
+        return DBAPIError("SELECT 1", None, ConnectionError("gone"), connection_invalidated=invalidated)
+
+    calls: list[int] = []
+
+    def dies_once() -> str:
+        calls.append(1)
+        if len(calls) == 1:
+            raise failing(True)
+        return "read"
+
+    assert retry_if_connection_died(dies_once) == "read" and len(calls) == 2
+    for errors in ([failing(False)], [failing(True), failing(True)]):  # not a dead connection; dead twice
+        pending = list(errors)
+
+        def work(pending: list[DBAPIError] = pending) -> str:
+            raise pending.pop(0)
+
+        with pytest.raises(DBAPIError):
+            retry_if_connection_died(work)
+        assert pending == []  # a live-connection error is not retried; a second death is not retried again

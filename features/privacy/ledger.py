@@ -45,11 +45,10 @@ from sqlalchemy import (
     union_all,
 )
 from sqlalchemy.dialects.postgresql import ARRAY
-from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Mapped, mapped_column
 from sqlalchemy.sql.selectable import CompoundSelect
 
-from features.db import Base, engine_for, on_driver_cursor
+from features.db import Base, engine_for, on_driver_cursor, retry_if_connection_died
 from features.events import VALID_CONSENT, ConsentPurpose, ConsentStatus
 from features.privacy.registry import CONSENT_SCOPES
 from features.privacy.sqltypes import BigId, UTCDateTime, as_utc
@@ -418,14 +417,12 @@ class ConsentLedger:
                 return [(*r[:5], as_utc(r[5]), *r[6:]) for r in cur.fetchall()]
 
             return on_driver_cursor(self.engine, read)
-        for attempt in (1, 2):
-            try:
-                with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-                    return list(conn.execute(_STATE, params).all())
-            except DBAPIError as exc:
-                if attempt == 2 or not exc.connection_invalidated:
-                    raise
-        raise AssertionError("unreachable")
+
+        def read_autocommit() -> list[Any]:
+            with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+                return list(conn.execute(_STATE, params).all())
+
+        return retry_if_connection_died(read_autocommit)
 
     def history(self, subject_id: str) -> list[dict[str, Any]]:
         """Every consent record of the person, oldest first (for access requests)."""
