@@ -126,24 +126,33 @@ def test_on_postgresql_a_batch_is_logged_whole_or_not_at_all(pg_engine: Engine) 
         writer.insert([clash, first | {"reference_id": "again"}, last], [])
     assert count(DecisionRecord) == 1  # neither the row before the clash nor the one after
     review = policy_review(first["id"], "u1", "model")
-    with pytest.raises(IntegrityError):
+    with pytest.raises(IntegrityError):  # the decision rows fail: the review goes too
         writer.insert([_row(4), first], [review])
     assert count(DecisionRecord) == 1 and count(ReviewRecord) == 0
     writer.insert([clash, last], [policy_review(clash["id"], "u2", "model")])
     assert count(DecisionRecord) == 3 and count(ReviewRecord) == 1
+    fifth = _row(5)
+    with pytest.raises(IntegrityError):  # the review fails (it points at no decision): the rows go too
+        writer.insert([fifth], [policy_review("no-such-decision", "u5", "model")])
+    assert count(DecisionRecord) == 3 and count(ReviewRecord) == 1
     assert writer.written == 3
+    with pg_engine.connect() as conn:  # the pooled connection is back in a usable state
+        assert conn.connection.driver_connection.autocommit is False
+        assert conn.connection.driver_connection.info.transaction_status.name == "IDLE"
 
 
 @pytest.mark.realserver
 def test_on_postgresql_the_driver_level_insert_stores_what_sqlalchemy_stores(pg_engine: Engine) -> None:
-    """Batches without reviews bypass SQLAlchemy's execution layer (statement compiled once from the
-    table): a row must come back exactly as the SQLAlchemy path (used with reviews) stores it,
+    """The writer bypasses SQLAlchemy's execution layer (statements compiled once from the tables):
+    a decision row and a review must come back exactly as SQLAlchemy's own insert stores them,
     JSON nulls, defaults and UTC times included, and the pooled connection must be left as
     SQLAlchemy expects it."""
-    from serving.decisions import DecisionRecord, DecisionWriter, policy_review
+    from sqlalchemy import insert
+
+    from serving.decisions import DecisionRecord, DecisionWriter, ReviewRecord, policy_review
 
     writer = DecisionWriter(pg_engine)
-    assert writer._insert_sql_pg is not None
+    assert writer._driver is not None
     when = dt.datetime(2026, 3, 1, 12, 30, tzinfo=dt.timezone(dt.timedelta(hours=2)))
     shared = {
         "created_at": when,
@@ -154,12 +163,20 @@ def test_on_postgresql_the_driver_level_insert_stores_what_sqlalchemy_stores(pg_
     lean = {k: v for k, v in (_row(1) | shared).items() if k not in ("degraded", "human_review_required")}
     driver_row = lean | {"id": str(uuid.uuid4())}
     sqlalchemy_row = lean | {"id": str(uuid.uuid4()), "degraded": False, "human_review_required": False}
-    writer.insert([driver_row], [])
-    writer.insert([sqlalchemy_row], [policy_review(sqlalchemy_row["id"], "u1", "model")])
+    driver_review = policy_review(driver_row["id"], "u1", "model") | {"requested_at": when}
+    sqlalchemy_review = driver_review | {"id": str(uuid.uuid4()), "decision_id": sqlalchemy_row["id"]}
+    writer.insert([driver_row], [driver_review])
+    with pg_engine.begin() as conn:
+        conn.execute(insert(DecisionRecord), [sqlalchemy_row])
+        conn.execute(insert(ReviewRecord), [sqlalchemy_review])
     with pg_engine.connect() as conn:
         stored = {
             r["id"]: dict(r)
             for r in conn.execute(select(DecisionRecord.__table__)).mappings()  # type: ignore[arg-type]
+        }
+        reviews = {
+            r["decision_id"]: dict(r)
+            for r in conn.execute(select(ReviewRecord.__table__)).mappings()  # type: ignore[arg-type]
         }
         nulls = conn.execute(
             select(func.count()).where(DecisionRecord.thresholds.is_(None))  # SQL NULL, not JSON null
@@ -169,6 +186,10 @@ def test_on_postgresql_the_driver_level_insert_stores_what_sqlalchemy_stores(pg_
     assert {k: v for k, v in a.items() if k != "id"} == {k: v for k, v in b.items() if k != "id"}
     assert a["created_at"] == when and a["degraded"] is False and a["thresholds"] is None
     assert nulls == 0  # both paths store None as JSON null, as SQLAlchemy's JSON type does
+    ra, rb = reviews[driver_row["id"]], reviews[sqlalchemy_row["id"]]
+    drop = ("id", "decision_id")
+    assert {k: v for k, v in ra.items() if k not in drop} == {k: v for k, v in rb.items() if k not in drop}
+    assert ra["requested_at"] == when and ra["status"] == "open" and ra["statement"] is None
 
 
 def test_retry_if_connection_died_runs_once_more_only_after_a_dead_connection() -> None:
