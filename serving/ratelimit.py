@@ -18,6 +18,34 @@ class RateLimitConfigError(ValueError):
     """A rate-limit string that `limits` cannot parse."""
 
 
+class InlineExpiryMemoryStorage(MemoryStorage):
+    """`limits`' memory storage, with its expired counters swept inline instead of by a thread.
+
+    The library's storage starts a `threading.Timer` (10 ms) whenever none is alive, so under
+    load it creates an OS thread every 10 ms, and at a lower rate one per request; the event loop
+    then waits in `Thread.start` until the new thread holds the GIL. Measured on the 2-core
+    machine, side by side on the `aipic bench serve` stores: at 50 requests/s the whole process's
+    CPU per request falls by 20 % on the no-op endpoint and 4-12 % on scoring; at the scoring
+    ceiling (wrk, 32 connections) the gain is 3-22 % in 9 rounds, within 2 % in 7 more. A fixed
+    window reads its counter through `get`, which drops an expired counter itself; the sweep only
+    frees the memory of identities that stopped calling, so once every ``sweep_seconds`` will do.
+    """
+
+    def __init__(self, sweep_seconds: float = 1.0) -> None:
+        super().__init__()
+        self.timer.cancel()  # the one timer the base class starts on construction
+        self.sweep_seconds = sweep_seconds
+        self._next_sweep = time.monotonic() + sweep_seconds
+
+    def _MemoryStorage__schedule_expiry(self) -> None:
+        """Replaces the base class's private scheduler (called by every `incr`): sweep inline,
+        at most once per ``sweep_seconds``, with the base class's own expiry code."""
+        now = time.monotonic()
+        if now >= self._next_sweep:
+            self._next_sweep = now + self.sweep_seconds
+            self._MemoryStorage__expire_events()  # type: ignore[attr-defined]
+
+
 def _parse(spec: str) -> list[RateLimitItem]:
     try:
         items = parse_many(spec)
@@ -40,7 +68,8 @@ class RateLimiter:
     """One fixed-window limiter; separate budgets for keys and for people."""
 
     def __init__(self, key_limit: str, person_limit: str) -> None:
-        self._limiter = FixedWindowRateLimiter(MemoryStorage())
+        self.storage = InlineExpiryMemoryStorage()
+        self._limiter = FixedWindowRateLimiter(self.storage)
         self._limits = {"key": _parse(key_limit), "person": _parse(person_limit)}
 
     def hit(self, kind: str, identity: str) -> Verdict:
