@@ -124,8 +124,9 @@ class Services:
         )
         from serving.routes.recommendations import decide_and_log_recommendations
 
-        # ranking is CPU, so batches stay small and run in several threads (the ledger's round trip
-        # overlaps another request's ranking); each batch commits its rows in one transaction
+        # ranking is CPU, so batches stay small; two threads (AIPIC_DECISION_THREADS) let one's
+        # ledger round trip overlap the other's ranking, while more threads only queue for the GIL
+        # and stretch the tail; each batch commits its rows in one transaction
         self.recommending = MicroBatcher(
             functools.partial(decide_and_log_recommendations, self),
             workers=self.settings.decision_threads,
