@@ -2,23 +2,33 @@
 
 A scoring decision is a few store round trips (consent ledger, online store) and a model call,
 each with a fixed cost per call that dwarfs the work per payment. Under load, requests queue
-anyway; a `MicroBatcher` hands whatever is waiting (up to ``max_batch``) to one worker-thread call,
-so the batch shares one ledger query, one Redis pipeline and one LightGBM call. With no queue
-(light load) a batch is a single request, and its latency is what it was without batching.
+anyway; a `MicroBatcher` hands whatever is waiting (up to ``max_batch``) to one worker thread's
+call, so the batch shares one ledger query, one Redis pipeline and one LightGBM call. With no
+queue (light load) a batch is a single request, and its latency is what it was without batching.
 
 Each item gets its own result or its own exception: one bad payment never fails its neighbours.
 
 An optional second stage (``finish``, the decision log's commit) runs in a thread of its own: while
 batch *k* waits for its commit, batch *k+1* is already being decided. A batch's answers leave only
 after its own ``finish`` returned, and at most ``finish_depth`` batches wait for it at a time.
+
+The threads hand a batch straight to each other (worker, then finisher, then one wake-up of the
+event loop that answers the batch): three thread hand-offs per batch instead of the four of a
+``run_in_executor`` per stage, and no event-loop work between the stages. A worker is woken by a
+``call_soon`` from the loop, so the requests parsed in one turn of the loop join one batch. Measured
+on the 2-core machine with trivial stages: a lone request 0.68 instead of 0.82-0.87 ms of CPU, in
+batches of 16 28-31 instead of 30-34 us per request; beside the old batcher on the bench's stores,
+CPU per scored payment 2-10 % lower at the ceiling (6 of 6 rounds) and p50 at 100 req/s lower in
+3 of 3.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import queue
+import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -35,6 +45,9 @@ FinishFunc = Callable[[list[Out | BaseException]], Sequence[Out | BaseException]
 class _Waiting(Generic[In, Out]):
     item: In
     done: asyncio.Future[Out]
+
+
+_Batch = list[_Waiting[In, Out]]
 
 
 class MicroBatcher(Generic[In, Out]):
@@ -60,124 +73,152 @@ class MicroBatcher(Generic[In, Out]):
         self.max_batch = max_batch
         self.name = name
         self.on_batch = on_batch  # told each batch's size (a metric)
-        self.batches = 0  # how many batches ran, and how many items they held (mean batch size)
+        self.batches = 0  # how many batches were answered, and how many items they held
         self.items = 0
-        self._queue: asyncio.Queue[_Waiting[In, Out]] | None = None
-        self._tasks: list[asyncio.Task[None]] = []
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._pool: ThreadPoolExecutor | None = None
-        self._finish_pool: ThreadPoolExecutor | None = None
-        self._finishing: set[asyncio.Task[None]] = set()
-        self._slots: asyncio.Semaphore | None = None
+        self._waiting: list[_Waiting[In, Out]] = []  # submitted, not yet taken by a worker
+        self._lock = threading.Lock()
+        self._wake = threading.Event()  # set when something waits (or on close)
+        self._closing = False
+        self._finishing: queue.SimpleQueue[tuple[_Batch[In, Out], list[Out | BaseException]] | None] = (
+            queue.SimpleQueue()
+        )
+        self._slots = threading.BoundedSemaphore(finish_depth)
+        self._threads: list[threading.Thread] = []
+        self._finisher: threading.Thread | None = None
+        self._starting = threading.Lock()
 
     async def submit(self, item: In) -> Out:
+        if not self._threads:
+            self._start()
         loop = asyncio.get_running_loop()
-        if self._queue is None or self._loop is not loop or any(t.done() for t in self._tasks):
-            self._start(loop)
-        assert self._queue is not None
         done: asyncio.Future[Out] = loop.create_future()
-        self._queue.put_nowait(_Waiting(item, done))  # unbounded: admission is the rate limiter's job
+        with self._lock:
+            self._waiting.append(_Waiting(item, done))  # unbounded: admission is the rate limiter's job
+        # wake an idle worker only once the loop has run what is ready now: the requests parsed in
+        # this turn of the loop join the same batch
+        loop.call_soon(self._wake.set)
         return await done
 
-    def _start(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Workers for this event loop (tests may run the app on several loops in turn)."""
-        for task in self._tasks:
-            task.cancel()
-        self._loop = loop
-        queue: asyncio.Queue[_Waiting[In, Out]] = asyncio.Queue()
-        self._queue = queue
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.workers, self.name)
-        if self.finish is not None and self._finish_pool is None:
-            self._finish_pool = ThreadPoolExecutor(1, f"{self.name}-finish")
-        self._slots = asyncio.Semaphore(self.finish_depth)
-        self._tasks = [
-            asyncio.create_task(self._work(queue), name=f"{self.name}-{i}") for i in range(self.workers)
-        ]
+    def _start(self) -> None:
+        with self._starting:
+            if self._threads:
+                return
+            self._closing = False
+            if self.finish is not None:
+                self._finisher = threading.Thread(
+                    target=self._finish_batches, name=f"{self.name}-finish", daemon=True
+                )
+                self._finisher.start()
+            threads = [
+                threading.Thread(target=self._decide_batches, name=f"{self.name}_{i}", daemon=True)
+                for i in range(self.workers)
+            ]
+            for t in threads:
+                t.start()
+            self._threads = threads
 
-    async def _work(self, queue: asyncio.Queue[_Waiting[In, Out]]) -> None:
-        loop = asyncio.get_running_loop()
+    # --- the worker threads ----------------------------------------------------------------
+    def _decide_batches(self) -> None:
+        """Take what is waiting (up to max_batch) and decide it; on close, stop once none waits."""
         while True:
-            batch = [await queue.get()]
-            while len(batch) < self.max_batch and not queue.empty():
-                batch.append(queue.get_nowait())
-            if self.on_batch is not None:
+            self._wake.clear()
+            with self._lock:
+                batch = self._waiting[: self.max_batch]
+                del self._waiting[: self.max_batch]
+                more = bool(self._waiting)
+            if more:
+                self._wake.set()  # another worker may take the rest
+            if batch:
+                self._decide(batch)
+            elif self._closing:
+                return
+            else:
+                self._wake.wait()
+
+    def _decide(self, batch: _Batch[In, Out]) -> None:
+        if self.on_batch is not None:
+            with contextlib.suppress(Exception):  # a metric must never stop the worker
                 self.on_batch(len(batch))
-            try:
-                assert self._pool is not None
-                results = await loop.run_in_executor(self._pool, self.func, [w.item for w in batch])
-                if len(results) != len(batch):
-                    raise RuntimeError(f"{self.name}: {len(results)} results for {len(batch)} items")
-            except BaseException as exc:  # the whole call failed: every waiting request hears it
-                self._fail(batch, exc, queue)
-                if not isinstance(exc, Exception):
-                    raise
-                continue
-            if self.finish is None:
-                self._deliver(batch, results, queue)
-                continue
-            assert self._slots is not None
-            await self._slots.acquire()  # at most finish_depth batches wait for their commit
-            task = loop.create_task(self._finish_then_deliver(batch, list(results), queue, self._slots))
-            self._finishing.add(task)
-            task.add_done_callback(self._finishing.discard)
-
-    async def _finish_then_deliver(
-        self,
-        batch: list[_Waiting[In, Out]],
-        results: list[Out | BaseException],
-        queue: asyncio.Queue[_Waiting[In, Out]],
-        slots: asyncio.Semaphore,
-    ) -> None:
         try:
-            assert self.finish is not None and self._finish_pool is not None
-            final = await asyncio.get_running_loop().run_in_executor(self._finish_pool, self.finish, results)
-            if len(final) != len(batch):
-                raise RuntimeError(f"{self.name}: {len(final)} results for {len(batch)} items")
-        except BaseException as exc:
-            self._fail(batch, exc, queue)
-            if not isinstance(exc, Exception):
-                raise
-        else:
-            self._deliver(batch, final, queue)
-        finally:
-            slots.release()
+            results = self.func([w.item for w in batch])
+            if len(results) != len(batch):
+                raise RuntimeError(f"{self.name}: {len(results)} results for {len(batch)} items")
+        except BaseException as exc:  # the whole call failed: every waiting request hears it
+            self._answer(batch, exc)
+            return
+        if self.finish is None:
+            self._answer(batch, results)
+            return
+        self._slots.acquire()  # at most finish_depth batches wait for their finish
+        self._finishing.put((batch, list(results)))
 
-    def _fail(
-        self, batch: list[_Waiting[In, Out]], exc: BaseException, queue: asyncio.Queue[_Waiting[In, Out]]
-    ) -> None:
-        for w in batch:
-            if not w.done.done():
-                w.done.set_exception(exc if isinstance(exc, Exception) else RuntimeError("cancelled"))
-            queue.task_done()
+    def _finish_batches(self) -> None:
+        """The second stage, in decision order; each batch answered after its own finish."""
+        while True:
+            job = self._finishing.get()
+            if job is None:
+                return
+            batch, results = job
+            try:
+                assert self.finish is not None
+                final = self.finish(results)
+                if len(final) != len(batch):
+                    raise RuntimeError(f"{self.name}: {len(final)} results for {len(batch)} items")
+            except BaseException as exc:
+                self._answer(batch, exc)
+            else:
+                self._answer(batch, final)
+            finally:
+                self._slots.release()
 
+    def _answer(self, batch: _Batch[In, Out], outcome: Sequence[Out | BaseException] | BaseException) -> None:
+        """Hand a batch's answers to the event loop(s) its requests wait on (one wake-up each)."""
+        loops: dict[asyncio.AbstractEventLoop, list[int]] = {}
+        for i, w in enumerate(batch):
+            loops.setdefault(w.done.get_loop(), []).append(i)
+        for loop, idx in loops.items():
+            with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits any more
+                loop.call_soon_threadsafe(self._deliver, [batch[i] for i in idx], outcome, idx)
+
+    # --- on the event loop -------------------------------------------------------------------
     def _deliver(
         self,
-        batch: list[_Waiting[In, Out]],
-        results: Sequence[Out | BaseException],
-        queue: asyncio.Queue[_Waiting[In, Out]],
+        batch: _Batch[In, Out],
+        outcome: Sequence[Out | BaseException] | BaseException,
+        idx: list[int],
     ) -> None:
+        if isinstance(outcome, BaseException):
+            exc = outcome if isinstance(outcome, Exception) else RuntimeError("cancelled")
+            for w in batch:
+                if not w.done.done():
+                    w.done.set_exception(exc)
+            return
         self.batches += 1
         self.items += len(batch)
-        for w, r in zip(batch, results, strict=True):
+        for w, i in zip(batch, idx, strict=True):
             if not w.done.done():  # else the client went away
+                r = outcome[i]
                 if isinstance(r, BaseException):
                     w.done.set_exception(r)
                 else:
                     w.done.set_result(r)
-            queue.task_done()
+
+    def _join_workers(self, threads: list[threading.Thread]) -> None:
+        for t in threads:
+            while t.is_alive():
+                self._wake.set()  # again and again: another worker may have cleared it
+                t.join(0.05)
 
     async def close(self) -> None:
-        """Decide everything already queued, then stop the workers and their threads."""
-        if self._queue is not None and self._tasks and not all(t.done() for t in self._tasks):
-            await self._queue.join()
-        for task in self._tasks:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-        self._tasks = []
-        self._queue = None
-        for pool in (self._pool, self._finish_pool):
-            if pool is not None:
-                await asyncio.get_running_loop().run_in_executor(None, pool.shutdown, True)
-        self._pool = self._finish_pool = None
+        """Decide (and finish) everything already queued, then stop the threads."""
+        threads, finisher = self._threads, self._finisher
+        if not threads:
+            return
+        self._closing = True  # the workers stop once nothing waits
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, self._join_workers, threads)
+        if finisher is not None:
+            self._finishing.put(None)
+            await loop.run_in_executor(None, finisher.join)
+        self._threads, self._finisher = [], None
+        await asyncio.sleep(0)  # the answers the threads handed over are delivered

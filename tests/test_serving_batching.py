@@ -236,3 +236,19 @@ def test_close_waits_for_every_batch_to_finish() -> None:
         return [t.result() for t in tasks]
 
     assert _run(main()) == list(range(20))
+
+
+def test_the_same_batcher_serves_one_event_loop_after_another() -> None:
+    """The worker threads belong to no event loop: each answer goes back to the loop its request
+    waits on (the app's tests, and a restarted server, run it on several loops in turn)."""
+    b: MicroBatcher[int, int] = MicroBatcher(lambda xs: [x + 1 for x in xs], workers=2, max_batch=4, name="t")
+
+    async def use(first: int) -> list[int]:
+        return list(await asyncio.gather(*(b.submit(i) for i in range(first, first + 6))))
+
+    assert _run(use(0)) == [1, 2, 3, 4, 5, 6]
+    assert _run(use(10)) == [11, 12, 13, 14, 15, 16]
+    _run(b.close())
+    assert _run(use(20)) == [21, 22, 23, 24, 25, 26]  # closed, then used again: threads start anew
+    _run(b.close())
+    assert b.items == 18
