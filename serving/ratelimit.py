@@ -25,7 +25,7 @@ class InlineExpiryMemoryStorage(MemoryStorage):
     load it creates an OS thread every 10 ms, and at a lower rate one per request; the event loop
     then waits in `Thread.start` until the new thread holds the GIL. Measured on the 2-core
     machine, side by side on the `aipic bench serve` stores: at 50 requests/s the whole process's
-    CPU per request falls by 20 % on the no-op endpoint and 4-12 % on scoring; at the scoring
+    CPU per request falls by 19-26 % on the no-op endpoint and 2-12 % on scoring; at the scoring
     ceiling (wrk, 32 connections) the gain is 3-22 % in 9 rounds, within 2 % in 7 more. A fixed
     window reads its counter through `get`, which drops an expired counter itself; the sweep only
     frees the memory of identities that stopped calling, so once every ``sweep_seconds`` will do.
