@@ -71,6 +71,11 @@ def retry_if_connection_died(work: Callable[[], T]) -> T:
     return work()
 
 
+def on_psycopg(engine: Engine) -> bool:
+    """Whether `on_driver_cursor` and SQL compiled for PostgreSQL apply to ``engine``."""
+    return engine.dialect.name == "postgresql" and engine.dialect.driver == "psycopg"
+
+
 def on_driver_cursor(engine: Engine, work: Callable[[Any], T]) -> T:
     """``work(cursor)`` on a pooled connection of ``engine``, straight on the driver, in autocommit.
 

@@ -37,7 +37,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
-from features.db import Base, json_dumps, on_driver_cursor, retry_if_connection_died
+from features.db import Base, json_dumps, on_driver_cursor, on_psycopg, retry_if_connection_died
 from features.privacy.sqltypes import UTCDateTime, as_utc
 
 T = TypeVar("T")
@@ -226,10 +226,9 @@ class DecisionWriter:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.written = 0
-        on_psycopg = engine.dialect.name == "postgresql" and engine.dialect.driver == "psycopg"
         self._driver = (
             (_DriverInsert.of(DecisionRecord, engine), _DriverInsert.of(ReviewRecord, engine))
-            if on_psycopg
+            if on_psycopg(engine)
             else None
         )
 

@@ -68,8 +68,7 @@ class RateLimiter:
     """One fixed-window limiter; separate budgets for keys and for people."""
 
     def __init__(self, key_limit: str, person_limit: str) -> None:
-        self.storage = InlineExpiryMemoryStorage()
-        self._limiter = FixedWindowRateLimiter(self.storage)
+        self._limiter = FixedWindowRateLimiter(InlineExpiryMemoryStorage())
         self._limits = {"key": _parse(key_limit), "person": _parse(person_limit)}
 
     def hit(self, kind: str, identity: str) -> Verdict:

@@ -48,7 +48,7 @@ from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Mapped, mapped_column
 from sqlalchemy.sql.selectable import CompoundSelect
 
-from features.db import Base, engine_for, on_driver_cursor, retry_if_connection_died
+from features.db import Base, engine_for, on_driver_cursor, on_psycopg, retry_if_connection_died
 from features.events import VALID_CONSENT, ConsentPurpose, ConsentStatus
 from features.privacy.registry import CONSENT_SCOPES
 from features.privacy.sqltypes import BigId, UTCDateTime, as_utc
@@ -250,9 +250,7 @@ class ConsentLedger:
             engine = get_engine()
         self.engine = engine_for(engine) if isinstance(engine, str) else engine
         self._state_sql_pg = (
-            str(_STATE_PG.compile(dialect=self.engine.dialect))
-            if self.engine.dialect.name == "postgresql" and self.engine.dialect.driver == "psycopg"
-            else None
+            str(_STATE_PG.compile(dialect=self.engine.dialect)) if on_psycopg(self.engine) else None
         )
 
     # -- writing ----------------------------------------------------------------------------------
